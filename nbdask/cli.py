@@ -1,0 +1,201 @@
+"""``nbdask`` command line: simulate | info | test | report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .errors import NbdaskError
+
+FDR_CHOICES = ("bh", "none")
+
+
+def _storage_options(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise NbdaskError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _parse_value(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _range(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(",")
+    return float(lo), float(hi or lo)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbdask", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="simulate an NB2 count cube with known truth into Zarr")
+    sim.add_argument("cube", help="output Zarr path or URL")
+    sim.add_argument("--perturbations", type=int, default=1000)
+    sim.add_argument("--features", type=int, default=1000)
+    sim.add_argument("--replicates", type=int, default=4, help="treated replicates (max per perturbation)")
+    sim.add_argument("--control-replicates", type=int, default=8)
+    sim.add_argument("--effect-fraction", type=float, default=0.1)
+    sim.add_argument("--ragged-fraction", type=float, default=0.1)
+    sim.add_argument("--base-mean", type=_range, metavar="LO,HI",
+                     help="log-uniform range of expected counts (default: log-normal, median 4)")
+    sim.add_argument("--dispersion", type=_range, metavar="LO,HI",
+                     help="log-uniform range of NB2 dispersions (default: log-normal, median 0.1)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--shards", type=int, default=1024,
+                     help="shard (= dask chunk) size along perturbation and feature")
+    sim.add_argument("--overwrite", action="store_true")
+    sim.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+    info = sub.add_parser("info", help="dims, chunks/shards, dtypes and validation verdict of a cube")
+    info.add_argument("cube")
+    info.add_argument("--quick", action="store_true", help="skip the full scan of counts values")
+    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+    tst = sub.add_parser("test", help="test every comparison of a cube and write results Zarr")
+    tst.add_argument("cube")
+    tst.add_argument("results")
+    tst.add_argument("--method", default="mom", choices=["mom"])
+    tst.add_argument("--test", default="wald", choices=["wald"])
+    tst.add_argument("--dispersion", default="comparison", choices=["comparison"])
+    tst.add_argument("--fdr", default="bh", choices=FDR_CHOICES)
+    tst.add_argument("--fdr-scope", default="global", choices=["global", "perturbation"])
+    where = tst.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
+    where.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://127.0.0.1:8786")
+    tst.add_argument("--chunks", type=int, nargs=2, metavar=("P", "G"),
+                     help="dask chunk sizes (multiples of the cube's shards)")
+    tst.add_argument("--overwrite", action="store_true", help="replace an existing results store")
+    tst.add_argument("--no-progress", action="store_true")
+    tst.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+    rep = sub.add_parser("report", help="summary of a results store (and accuracy vs a simulated truth)")
+    rep.add_argument("results")
+    rep.add_argument("--truth", help="the simulated cube the results came from")
+    rep.add_argument("--json", action="store_true", help="print JSON")
+    rep.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    return parser
+
+
+def _simulate(args) -> int:
+    from .io import save_cube
+    from .simulate import simulate
+
+    so = _storage_options(args.storage_option)
+    start = time.perf_counter()
+    cube = simulate(perturbations=args.perturbations, features=args.features,
+                    replicates=args.replicates, control_replicates=args.control_replicates,
+                    effect_fraction=args.effect_fraction, ragged_fraction=args.ragged_fraction,
+                    base_mean=args.base_mean, dispersion=args.dispersion, seed=args.seed,
+                    chunks=args.shards)
+    save_cube(cube, args.cube, overwrite=args.overwrite, storage_options=so)
+    n = args.perturbations * args.features
+    print(f"simulated {args.perturbations} perturbations x {args.features} features "
+          f"({n:,} comparisons, {args.replicates} treated vs {args.control_replicates} control "
+          f"replicates) -> {args.cube} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _info(args) -> int:
+    from .io import describe, open_cube
+    from .schema import validate
+
+    so = _storage_options(args.storage_option)
+    desc = describe(args.cube, storage_options=so)
+    print(f"{args.cube}")
+    for name, a in desc["arrays"].items():
+        dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
+        print(f"  {name:<22} ({dims})  {a['dtype']:<8} shards={a['shards']} chunks={a['chunks']}")
+    try:
+        cube = open_cube(args.cube, storage_options=so)
+        validate(cube, values=not args.quick)
+    except NbdaskError as err:
+        print(f"validation: FAILED: {err}")
+        return 1
+    scope = "structure" if args.quick else "structure and all values"
+    print(f"validation: OK ({scope}); {cube.sizes['perturbation'] * cube.sizes['feature']:,} comparisons")
+    return 0
+
+
+def _test(args) -> int:
+    from .cluster import compute_client
+    from .io import open_cube, save_results
+    from .pipeline import test
+    from .summary import summarize
+
+    so = _storage_options(args.storage_option)
+    start = time.perf_counter()
+    chunks = dict(zip(("perturbation", "feature"), args.chunks)) if args.chunks else None
+    with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+        cube = open_cube(args.cube, chunks=chunks, storage_options=so)
+        results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
+                       fdr_scope=args.fdr_scope, dispersion=args.dispersion)
+        saved = save_results(results, args.results, overwrite=args.overwrite, storage_options=so,
+                             client=client, progress=not args.no_progress)
+    summary = summarize(saved)
+    wall = time.perf_counter() - start
+    print()
+    print(f"comparisons      {summary['n_comparisons']:>14,}")
+    print(f"tested           {summary['n_tests']:>14,}")
+    print(f"untestable       {summary['n_untestable']:>14,}")
+    if "n_significant_q05" in summary:
+        print(f"q < 0.05         {summary['n_significant_q05']:>14,}")
+        print(f"q < 0.10         {summary['n_significant_q10']:>14,}")
+    print(f"wall time        {wall:>14.1f} s")
+    print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
+    print(f"results          {args.results}")
+    return 0
+
+
+def _report(args) -> int:
+    from .io import open_cube, open_results
+    from .summary import summarize
+
+    so = _storage_options(args.storage_option)
+    results = open_results(args.results, storage_options=so)
+    truth = open_cube(args.truth, storage_options=so) if args.truth else None
+    if truth is not None and "true_log_fold_change" not in truth:
+        raise NbdaskError(f"--truth {args.truth}: the cube has no true_log_fold_change; pass a simulated cube")
+    summary = summarize(results, truth=truth)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        text = f"{value:,.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
+        print(f"{key:<26} {text}")
+    return 0
+
+
+COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    for name in ("distributed", "nbdask"):
+        logging.getLogger(name).setLevel(level)
+    try:
+        return COMMANDS[args.command](args)
+    except NbdaskError as err:
+        print(f"nbdask {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nbdask {args.command}: interrupted; any results store is left marked incomplete",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Zarr v3 stores: open and write count cubes, write and open results with a completion marker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import CubeError, ResultsError, StoreError
+from .schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, REPLICATE, TRUTH,
+                     check_small_values, validate_structure)
+
+logger = logging.getLogger("nbdask")
+
+#: Group attribute that marks a results store; "complete" is written last, after all data.
+STATUS_ATTR = "nbdask_status"
+#: Target side of an inner (independently readable) chunk within a shard, per 2-D axis.
+INNER_CHUNK = 512
+
+
+def make_store(url: str, *, storage_options: Mapping | None = None, read_only: bool = False):
+    """A Zarr store for a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...)."""
+    url = str(url)
+    if "://" in url and not url.startswith("file://"):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(url, storage_options=dict(storage_options or {}),
+                                    read_only=read_only)
+    from zarr.storage import LocalStore
+
+    return LocalStore(url.removeprefix("file://"), read_only=read_only)
+
+
+def _open_group(url: str, storage_options, mode: str = "r"):
+    store = make_store(url, storage_options=storage_options, read_only=(mode == "r"))
+    try:
+        return zarr.open_group(store, mode=mode)
+    except FileNotFoundError as err:
+        raise StoreError(f"{url}: no Zarr store there ({err.__class__.__name__}); check the path or URL") from None
+
+
+def _exists(url: str, storage_options) -> bool:
+    try:
+        _open_group(url, storage_options, "r")
+    except StoreError:
+        return False
+    return True
+
+
+def _storage_grid(array) -> tuple[int, ...]:
+    """The write unit of a stored array: its shard shape, or its chunk shape without sharding."""
+    return tuple(array.shards or array.chunks)
+
+
+def open_cube(url: str, *, chunks: Mapping[str, int] | None = None,
+              storage_options: Mapping | None = None) -> xr.Dataset:
+    """Open a count cube from Zarr as a lazy, validated, dask-backed Dataset.
+
+    Dask chunks default to whole shards of ``counts``; ``chunks`` overrides them per dimension
+    (``perturbation``, ``feature``) and must be whole multiples of the shard. Replicate axes are
+    never split. Raises ``CubeError`` naming the variable when the cube breaks the schema.
+    """
+    group = _open_group(url, storage_options)
+    if "counts" not in group:
+        raise CubeError(f"counts: missing from {url} (it has {sorted(group.array_keys())}); "
+                        f"is this a count cube? See the cube schema in the README")
+    counts = group["counts"]
+    if counts.ndim != 3:
+        raise CubeError(f"counts: has {counts.ndim} dims, expected 3 "
+                        f"({PERTURBATION}, {FEATURE}, {REPLICATE})")
+    grid = dict(zip((PERTURBATION, FEATURE), _storage_grid(counts)[:2]))
+    dask_chunks = {PERTURBATION: grid[PERTURBATION], FEATURE: grid[FEATURE],
+                   REPLICATE: -1, CONTROL_REPLICATE: -1}
+    for dim, size in (chunks or {}).items():
+        if dim not in grid:
+            raise CubeError(f"chunks: {dim!r} cannot be chosen; only {list(grid)} are chunked "
+                            f"(replicate axes stay whole)")
+        if size % grid[dim]:
+            raise CubeError(f"chunks: {dim}={size} is not a whole multiple of the counts shard "
+                            f"size {grid[dim]} along {dim!r}; use a multiple such as {grid[dim] * max(1, size // grid[dim])}")
+        dask_chunks[dim] = size
+    _check_shapes(group, url)
+    store = make_store(url, storage_options=storage_options, read_only=True)
+    try:
+        ds = xr.open_zarr(store, chunks=dask_chunks, consolidated=False, zarr_format=3)
+    except ValueError as err:
+        raise CubeError(f"{url}: cannot be read as one Dataset ({err}); its arrays disagree on "
+                        f"dimension sizes") from None
+    validate_structure(ds)
+    check_small_values(ds)
+    return ds
+
+
+def _check_shapes(group, url: str) -> None:
+    """Name the variable whose length along a shared dimension disagrees with counts."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, spec in {**INPUTS, **TRUTH}.items():
+        if name not in group:
+            continue
+        arr = group[name]
+        dims = arr.metadata.dimension_names or ()
+        for dim, n in zip(dims, arr.shape):
+            if dim in sizes and sizes[dim][0] != n:
+                other, first = sizes[dim][1], sizes[dim][0]
+                raise CubeError(
+                    f"{name}: has {n} entries along {dim!r} but {other} has {first}; the "
+                    f"{dim} coordinates of {name} and {other} do not match, rewrite the cube with "
+                    f"both on the same {dim} labels in the same order")
+            sizes.setdefault(dim, (n, name))
+
+
+def _inner(shard: int) -> int:
+    """Largest divisor of ``shard`` not above INNER_CHUNK (the whole shard if that is small)."""
+    if shard <= INNER_CHUNK:
+        return shard
+    for d in range(INNER_CHUNK, 0, -1):
+        if shard % d == 0 and d >= INNER_CHUNK // 4:
+            return d
+    return shard
+
+
+def _encoding(ds: xr.Dataset, shards: Mapping[str, int], clevel: int = 3) -> dict:
+    """Sharded Zarr v3 encodings: each variable's shard = its dask chunk (or ``shards``)."""
+    enc = {}
+    for name, var in ds.variables.items():
+        if name in ds.dims and var.ndim == 1:
+            enc[name] = {"chunks": (var.shape[0],)}
+            continue
+        if var.ndim == 0:
+            continue
+        shard = []
+        for axis, dim in enumerate(var.dims):
+            if var.chunks is not None:
+                size = var.chunks[axis][0]
+            else:
+                size = min(shards.get(dim, var.shape[axis]), var.shape[axis])
+            shard.append(max(1, size))
+        inner = tuple(_inner(s) if d in (PERTURBATION, FEATURE) else s for s, d in zip(shard, var.dims))
+        enc[name] = {
+            "chunks": inner,
+            "shards": tuple(shard),
+            "compressors": [BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")],
+        }
+    return enc
+
+
+def _check_uniform_chunks(ds: xr.Dataset) -> None:
+    """Every dask chunk but the last along an axis must have the same size (= the shard)."""
+    for name, var in ds.data_vars.items():
+        if var.chunks is None:
+            continue
+        for dim, axis_chunks in zip(var.dims, var.chunks):
+            if len(set(axis_chunks[:-1])) > 1 or (len(axis_chunks) > 1 and axis_chunks[-1] > axis_chunks[0]):
+                raise CubeError(f"{name}: irregular dask chunks {axis_chunks[:5]}... along {dim!r} "
+                                f"cannot map onto whole Zarr shards; rechunk to a uniform size, "
+                                f"e.g. .chunk({{{dim!r}: {axis_chunks[0]}}})")
+
+
+def _clear_encoding(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}
+    return ds
+
+
+def save_cube(cube: xr.Dataset, url: str, *, overwrite: bool = False,
+              storage_options: Mapping | None = None) -> None:
+    """Write a count cube as sharded Zarr v3: one shard per dask chunk of ``counts``."""
+    if not overwrite and _exists(url, storage_options):
+        raise StoreError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to replace it")
+    validate_structure(cube)
+    cube = _clear_encoding(cube)
+    _check_uniform_chunks(cube)
+    counts = cube["counts"]
+    shards = {}
+    if counts.chunks is not None:
+        shards = {d: c[0] for d, c in zip(counts.dims, counts.chunks)}
+    store = make_store(url, storage_options=storage_options)
+    cube.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
+                 encoding=_encoding(cube, shards))
+
+
+def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
+                 storage_options: Mapping | None = None, client=None,
+                 progress: bool = False) -> xr.Dataset:
+    """Compute ``results`` and write them as sharded Zarr v3, marking the store complete last.
+
+    Computation runs on ``client``, else on the active ``distributed.Client``, else on a
+    ``LocalCluster`` started for the call. The store is written with
+    ``nbdask_status="incomplete"`` first and set to ``"complete"`` only after every array and the
+    summary attributes are written; a failed run leaves it ``"failed"`` (or ``"incomplete"`` if the
+    process died). Returns the results reopened from the store.
+    """
+    from .cluster import compute_client, show_progress
+
+    if not overwrite and _exists(url, storage_options):
+        raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to replace it")
+    results = _clear_encoding(results)
+    _check_uniform_chunks(results)
+    attrs = {k: v for k, v in results.attrs.items() if not k.startswith("n_")}
+    attrs[STATUS_ATTR] = "incomplete"
+    results = results.assign_attrs(attrs)
+    store = make_store(url, storage_options=storage_options)
+    lazy = results["p_value"].chunks is not None
+    start = time.perf_counter()
+    summary = _summary_reductions(results)
+    try:
+        delayed = results.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
+                                  compute=False, encoding=_encoding(results, {}))
+        if lazy:
+            with compute_client(client=client) as active:
+                futures = active.compute([delayed, *summary.values()])
+                if progress:
+                    show_progress(futures)
+                counts = dict(zip(summary, active.gather(futures)[1:]))
+        else:
+            delayed.compute(scheduler="synchronous")
+            counts = summary
+    except BaseException as err:
+        _mark_failed(url, storage_options, err)
+        raise
+    group = _open_group(url, storage_options, "r+")
+    final = {k: v for k, v in results.attrs.items() if k.startswith("n_")}
+    final.update({k: int(v) for k, v in counts.items()})
+    final["wall_seconds"] = round(time.perf_counter() - start, 3)
+    group.attrs.update(final)
+    group.attrs[STATUS_ATTR] = "complete"  # last: readers trust nothing before this
+    logger.info("nbdask: wrote %s (%s tests)", url, final.get("n_tests"))
+    return open_results(url, storage_options=storage_options)
+
+
+def _summary_reductions(results: xr.Dataset) -> dict:
+    """Counts for the summary, computed in the same pass as the write."""
+    p = results["p_value"].data
+    q = results["q_value"].data if "q_value" in results else None
+    nan_free = p == p
+    out = {"n_tests": nan_free.sum()}
+    if q is not None:
+        out["n_significant_q05"] = (q < 0.05).sum()
+        out["n_significant_q10"] = (q < 0.1).sum()
+    if results["p_value"].chunks is None:
+        return {k: int(v) for k, v in out.items()}
+    return out
+
+
+def _mark_failed(url, storage_options, err: BaseException) -> None:
+    try:
+        group = _open_group(url, storage_options, "r+")
+        group.attrs.update({STATUS_ATTR: "failed", "nbdask_error": type(err).__name__})
+    except Exception:  # the store may never have been created; it is not complete either way
+        pass
+
+
+def open_results(url: str, *, storage_options: Mapping | None = None,
+                 allow_incomplete: bool = False) -> xr.Dataset:
+    """Open a results store; refuse one that is not marked complete."""
+    group = _open_group(url, storage_options)
+    status = group.attrs.get(STATUS_ATTR)
+    if status is None:
+        raise ResultsError(f"{url}: not an nbdask results store (no {STATUS_ATTR!r} attribute)")
+    if status != "complete" and not allow_incomplete:
+        raise ResultsError(f"{url}: results are {status}, not complete (the run that wrote them "
+                           f"failed or was interrupted); rerun `nbdask test ... --overwrite`")
+    store = make_store(url, storage_options=storage_options, read_only=True)
+    grid = _storage_grid(group["p_value"])
+    return xr.open_zarr(store, consolidated=False, zarr_format=3,
+                        chunks={PERTURBATION: grid[0], FEATURE: grid[1]})
+
+
+def describe(url: str, *, storage_options: Mapping | None = None) -> dict:
+    """Shapes, dtypes, shards and chunks of every array in a store (no data read)."""
+    group = _open_group(url, storage_options)
+    out = {"url": url, "attrs": dict(group.attrs), "arrays": {}}
+    for name, arr in sorted(group.arrays()):
+        out["arrays"][name] = {
+            "dims": tuple(arr.metadata.dimension_names or ()),
+            "shape": arr.shape, "dtype": str(arr.dtype),
+            "shards": arr.shards, "chunks": arr.chunks,
+        }
+    return out
+

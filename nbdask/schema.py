@@ -1,0 +1,264 @@
+"""Dimension names, variable specifications and validation of the count cube.
+
+Every public variable, input or output, is declared here once: its dims, dtype kind and doc.
+``validate_structure`` checks what can be checked without reading counts; ``check_small_values``
+reads the small per-sample arrays; ``check_count_block`` is run on every counts block by the
+pipeline, so bad counts fail the run without an extra pass over the cube.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from .errors import CubeError
+
+PERTURBATION = "perturbation"
+FEATURE = "feature"
+REPLICATE = "replicate"
+CONTROL_REPLICATE = "control_replicate"
+
+MIN_CONTROL_REPLICATES = 2
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A declared variable: name, dims, allowed dtype kinds (numpy ``dtype.kind``), doc."""
+
+    name: str
+    dims: tuple[str, ...]
+    kinds: str
+    doc: str
+    dtype: str | None = None  # dtype outputs are written with
+
+    def attrs(self) -> dict[str, str]:
+        return {"comment": self.doc}
+
+
+def _declare(*variables: Variable) -> dict[str, Variable]:
+    return {v.name: v for v in variables}
+
+
+INPUTS = _declare(
+    Variable("counts", (PERTURBATION, FEATURE, REPLICATE), "iuf",
+             "Treated-group counts, >= 0 (integers; float only if integral, NaN only in absent replicates)."),
+    Variable("size_factor", (PERTURBATION, REPLICATE), "f",
+             "Size factor (library size) of each treated sample, > 0; NaN marks an absent replicate."),
+    Variable("control_counts", (FEATURE, CONTROL_REPLICATE), "iuf",
+             "Control-group counts shared by every perturbation, >= 0."),
+    Variable("control_size_factor", (CONTROL_REPLICATE,), "f",
+             "Size factor of each control sample, > 0."),
+)
+
+TRUTH = _declare(
+    Variable("true_log_base_mean", (FEATURE,), "f",
+             "Simulation truth: natural log of the control rate per unit size factor.", "float32"),
+    Variable("true_log_fold_change", (PERTURBATION, FEATURE), "f",
+             "Simulation truth: natural-log fold change, treated vs control (0 = null).", "float32"),
+    Variable("true_log_dispersion", (FEATURE,), "f",
+             "Simulation truth: log NB2 dispersion (Var = m + phi m^2).", "float32"),
+)
+
+_PF = (PERTURBATION, FEATURE)
+OUTPUTS = _declare(
+    Variable("log_base_mean", _PF, "f",
+             "Natural log of the control rate per unit size factor (mu hat).", "float32"),
+    Variable("log_fold_change", _PF, "f",
+             "Natural-log fold change, treated vs control (beta hat).", "float32"),
+    Variable("log_dispersion", _PF, "f",
+             "Log NB2 dispersion (alpha hat = log phi hat; Var = m + phi m^2).", "float32"),
+    Variable("standard_error", _PF, "f", "Standard error of the log fold change.", "float32"),
+    Variable("statistic", _PF, "f", "Wald z, or likelihood-ratio chi-square (1 df).", "float32"),
+    Variable("p_value", _PF, "f",
+             "Two-sided p-value; NaN = untestable (e.g. both groups all zero).", "float64"),
+    Variable("q_value", _PF, "f",
+             "FDR-adjusted p-value over all non-NaN p-values in the FDR scope; NaN where p is NaN.",
+             "float64"),
+    Variable("converged", _PF, "b", "Whether the iterative fit converged (iterative methods).", "bool"),
+    Variable("iterations", _PF, "i", "Iterations the fit used (iterative methods).", "int8"),
+)
+
+
+def _fail(msg: str) -> None:
+    raise CubeError(msg)
+
+
+def validate_structure(ds: xr.Dataset) -> None:
+    """Check variables, dims, dtypes, coordinates and replicate chunking; reads no counts."""
+    if not isinstance(ds, xr.Dataset):
+        _fail(f"cube: expected an xarray.Dataset, got {type(ds).__name__}; open it with nbdask.open_cube")
+    for name, spec in INPUTS.items():
+        if name not in ds:
+            _fail(f"{name}: missing from the cube (it has {sorted(ds.data_vars)}); "
+                  f"add it with dims {spec.dims} (see the cube schema in the README)")
+        var = ds[name]
+        if var.dims != spec.dims:
+            _fail(f"{name}: has dims {var.dims}, expected {spec.dims}; "
+                  f"rename or transpose it, e.g. ds['{name}'].transpose{spec.dims}")
+        if var.dtype.kind not in spec.kinds:
+            allowed = {"i": "signed integer", "u": "unsigned integer", "f": "float"}
+            _fail(f"{name}: has dtype {var.dtype}, expected "
+                  f"{' or '.join(allowed[k] for k in spec.kinds)}; cast it with .astype(...)")
+    n_control = ds.sizes[CONTROL_REPLICATE]
+    if n_control < MIN_CONTROL_REPLICATES:
+        _fail(f"control_counts: the control group has {n_control} replicate(s), at least "
+              f"{MIN_CONTROL_REPLICATES} are needed to estimate dispersion; add control samples")
+    if ds.sizes[REPLICATE] < 1:
+        _fail("counts: the replicate dimension is empty; each perturbation needs treated samples")
+    for dim in (PERTURBATION, FEATURE):
+        if dim in ds.coords:
+            labels = ds[dim].to_index()
+            if not labels.is_unique:
+                dup = labels[labels.duplicated()][:3].tolist()
+                _fail(f"{dim}: coordinate labels are not unique (e.g. {dup}); "
+                      f"give every {dim} a distinct label")
+    for name in INPUTS:
+        chunks = ds[name].chunks
+        if chunks is None:
+            continue
+        _check_storage_alignment(name, ds[name])
+        for dim in (REPLICATE, CONTROL_REPLICATE):
+            if dim in ds[name].dims:
+                axis_chunks = chunks[ds[name].dims.index(dim)]
+                if len(axis_chunks) > 1:
+                    _fail(f"{name}: the {dim} axis is split into {len(axis_chunks)} chunks; "
+                          f"keep it whole, e.g. cube.chunk({{'{dim}': -1}})")
+
+
+def _check_storage_alignment(name: str, var: xr.DataArray) -> None:
+    """Dask chunk boundaries must fall on the Zarr shard (or chunk) grid the variable came from."""
+    grid = var.encoding.get("shards") or var.encoding.get("chunks")
+    if not grid or len(grid) != var.ndim:
+        return
+    for dim, axis_chunks, step in zip(var.dims, var.chunks, grid):
+        bounds = np.cumsum(axis_chunks)[:-1]
+        if (bounds % step).any():
+            _fail(f"{name}: dask chunks {axis_chunks[:4]}... along {dim!r} are not whole multiples "
+                  f"of the stored Zarr shard/chunk size {step}; misaligned chunks re-read (and on "
+                  f"write, corrupt) whole shards. Open with nbdask.open_cube(..., chunks=...) using "
+                  f"multiples of {step}, or rechunk with cube.chunk({{{dim!r}: {step}}})")
+
+
+def check_small_values(ds: xr.Dataset) -> dict[str, int]:
+    """Check size factors and control counts (small arrays, loaded); return design counts."""
+    sf = np.asarray(ds["size_factor"].values, dtype=np.float64)
+    bad = ~np.isnan(sf) & ~(np.isfinite(sf) & (sf > 0))
+    if bad.any():
+        i, r = np.argwhere(bad)[0]
+        _fail(f"size_factor: {int(bad.sum())} value(s) are zero, negative or infinite "
+              f"(first at perturbation {_label(ds, PERTURBATION, i)!r}, replicate {r}: {sf[i, r]}); "
+              f"size factors must be finite and > 0, use NaN to mark an absent replicate")
+    csf = np.asarray(ds["control_size_factor"].values, dtype=np.float64)
+    if not (np.isfinite(csf) & (csf > 0)).all():
+        _fail(f"control_size_factor: values must be finite and > 0, found {csf.tolist()}; "
+              f"drop control samples without a size factor")
+    cc = np.asarray(ds["control_counts"].values)
+    _check_count_values("control_counts", cc, np.ones(cc.shape, bool), ds, FEATURE)
+    present = np.isfinite(sf).sum(axis=1)
+    return {
+        "n_perturbations": int(sf.shape[0]),
+        "n_features": int(cc.shape[0]),
+        "n_control_replicates": int(csf.shape[0]),
+        "n_perturbations_without_replicates": int((present == 0).sum()),
+        "min_replicates": int(present.min()) if present.size else 0,
+        "max_replicates": int(present.max()) if present.size else 0,
+    }
+
+
+def _label(ds: xr.Dataset, dim: str, i: int) -> object:
+    if dim in ds.coords:
+        return ds[dim].values[i].item() if hasattr(ds[dim].values[i], "item") else ds[dim].values[i]
+    return int(i)
+
+
+def _check_count_values(name: str, y: np.ndarray, present: np.ndarray, ds=None, dim=None,
+                        offset: int = 0) -> None:
+    """Raise if counts at present positions are negative, non-integer or not finite."""
+    if y.dtype.kind == "u" or y.size == 0:
+        return
+    if y.dtype.kind == "i":
+        neg = y < 0
+        if neg.any():
+            where = _where(neg, ds, dim, offset)
+            _fail(f"{name}: {int(neg.sum())} negative count(s) {where}; counts must be >= 0")
+        return
+    finite = np.isfinite(y)
+    nan = present & ~finite
+    if nan.any():
+        _fail(f"{name}: {int(nan.sum())} NaN/inf count(s) in present replicates "
+              f"{_where(nan, ds, dim, offset)}; fill them, or mark the replicate absent with a NaN size factor")
+    neg = present & finite & (y < 0)
+    if neg.any():
+        _fail(f"{name}: {int(neg.sum())} negative count(s) {_where(neg, ds, dim, offset)}; counts must be >= 0")
+    frac = present & finite & (y != np.floor(np.where(finite, y, 0)))
+    if frac.any():
+        ex = y[frac].flat[0]
+        _fail(f"{name}: {int(frac.sum())} non-integer count(s), e.g. {ex} "
+              f"{_where(frac, ds, dim, offset)}; pass raw integer counts, not normalised values")
+
+
+def _where(mask: np.ndarray, ds, dim, offset: int) -> str:
+    idx = np.argwhere(mask)[0]
+    if ds is not None and dim is not None:
+        return f"(first at {dim} {_label(ds, dim, offset + int(idx[0]))!r})"
+    return f"(first at block index {tuple(int(i) for i in idx)})"
+
+
+def check_count_block(counts: np.ndarray, size_factor: np.ndarray,
+                      perturbation: np.ndarray | None = None,
+                      feature: np.ndarray | None = None) -> None:
+    """Validate one host-side counts block [P_b, G_b, R] against its size factors [P_b, R].
+
+    ``perturbation`` and ``feature`` are the block's labels, used only to name the first bad
+    comparison in the error.
+    """
+    present = np.broadcast_to(np.isfinite(size_factor)[:, None, :], counts.shape)
+    try:
+        _check_count_values("counts", counts, present)
+    except CubeError as err:
+        if perturbation is None or feature is None:
+            raise
+        bad = _bad_mask(counts, present)
+        p, g = np.argwhere(bad.any(axis=2))[0]
+        msg = str(err).replace(
+            "(first at block index", f"(first at perturbation {perturbation[p]!r}, feature {feature[g]!r}; block index")
+        raise CubeError(msg) from None
+
+
+def _bad_mask(y: np.ndarray, present: np.ndarray) -> np.ndarray:
+    if y.dtype.kind == "i":
+        return y < 0
+    finite = np.isfinite(y)
+    return present & (~finite | (y < 0) | (y != np.floor(np.where(finite, y, 0))))
+
+
+def _check_block_ufunc(counts, size_factor, perturbation, feature):
+    p_b, g_b, r = counts.shape
+    check_count_block(counts, size_factor.reshape(p_b, r), perturbation.reshape(p_b),
+                      feature.reshape(g_b))
+    return np.zeros((p_b, g_b), dtype=bool)
+
+
+def validate(ds: xr.Dataset, *, values: bool = True) -> dict[str, int]:
+    """Full validation: structure, size factors, control counts, and (``values``) every count.
+
+    Returns the design counts of ``check_small_values``. Scanning the counts reads the whole cube;
+    ``nbdask.test`` does the same checks block by block as it runs, so this is for ``nbdask info``
+    and for checking a cube before a long run.
+    """
+    validate_structure(ds)
+    design = check_small_values(ds)
+    if values:
+        labels = [xr.DataArray(ds[d].values if d in ds.coords else np.arange(ds.sizes[d]), dims=d)
+                  for d in (PERTURBATION, FEATURE)]
+        side = [ds["size_factor"].drop_vars(list(ds["size_factor"].coords)), *labels]
+        if ds["counts"].chunks is not None:
+            chunks = dict(zip(ds["counts"].dims, ds["counts"].chunks))
+            side = [v.chunk({d: chunks[d] for d in v.dims}) for v in side]
+        ok = xr.apply_ufunc(_check_block_ufunc, ds["counts"].drop_vars(list(ds.coords)), *side,
+                            input_core_dims=[[REPLICATE], [REPLICATE], [], []],
+                            dask="parallelized", output_dtypes=[bool])
+        ok.data.sum().compute() if ok.chunks is not None else None
+    return design

@@ -1,0 +1,57 @@
+"""Run summaries and, for simulated cubes, accuracy against the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+
+def summarize(results: xr.Dataset, *, truth: xr.Dataset | None = None) -> dict:
+    """Counts of a results Dataset: comparisons, tested, untestable, significant at q < 0.05/0.1.
+
+    Uses the counts recorded by ``save_results`` when present, else computes them. With
+    ``truth`` (a simulated cube), adds false discovery proportion and power at q < 0.05 and
+    0.1, the false-positive rate of the nulls at p < 0.05, and mean absolute errors.
+    """
+    attrs = results.attrs
+    out = {"method": attrs.get("method"), "fdr": attrs.get("fdr"),
+           "n_comparisons": int(attrs.get("n_comparisons", results["p_value"].size))}
+    if "n_tests" in attrs and "n_significant_q05" in attrs:
+        out["n_tests"] = int(attrs["n_tests"])
+        out["n_significant_q05"] = int(attrs["n_significant_q05"])
+        out["n_significant_q10"] = int(attrs["n_significant_q10"])
+    else:
+        p = results["p_value"].values
+        out["n_tests"] = int(np.isfinite(p).sum())
+        if "q_value" in results:
+            q = results["q_value"].values
+            out["n_significant_q05"] = int((q < 0.05).sum())
+            out["n_significant_q10"] = int((q < 0.1).sum())
+    out["n_untestable"] = out["n_comparisons"] - out["n_tests"]
+    if "wall_seconds" in attrs:
+        out["wall_seconds"] = float(attrs["wall_seconds"])
+        out["comparisons_per_second"] = out["n_comparisons"] / max(out["wall_seconds"], 1e-9)
+    if truth is not None:
+        out.update(_against_truth(results, truth))
+    return out
+
+
+def _against_truth(results: xr.Dataset, truth: xr.Dataset) -> dict:
+    lfc = truth["true_log_fold_change"].values
+    null = lfc == 0
+    p = results["p_value"].values
+    tested = np.isfinite(p)
+    out = {"fpr_p05_nulls": float((p[null & tested] < 0.05).mean()) if (null & tested).any() else float("nan")}
+    if "q_value" in results:
+        q = results["q_value"].values
+        for level, tag in ((0.05, "q05"), (0.1, "q10")):
+            hit = q < level
+            out[f"fdp_{tag}"] = float((hit & null).sum() / max(hit.sum(), 1))
+            out[f"power_{tag}"] = float((hit & ~null).sum() / max((~null).sum(), 1))
+    est = results["log_fold_change"].values
+    ok = tested & np.isfinite(est)
+    out["mae_log_fold_change"] = float(np.abs(est[ok] - lfc[ok]).mean()) if ok.any() else float("nan")
+    mu = results["log_base_mean"].values
+    true_mu = np.broadcast_to(truth["true_log_base_mean"].values[None, :], mu.shape)
+    out["mae_log_base_mean"] = float(np.abs(mu[ok] - true_mu[ok]).mean()) if ok.any() else float("nan")
+    return out
