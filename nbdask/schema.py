@@ -186,6 +186,10 @@ def _check_count_values(name: str, y: np.ndarray, present: np.ndarray, ds=None, 
         return
     finite = np.isfinite(y)
     nan = present & ~finite
+    if nan.any() and name == "control_counts":
+        _fail(f"control_counts: {int(nan.sum())} NaN/inf value(s) {_where(nan, ds, dim, offset)}; "
+              f"if the cube was assembled from arrays with different feature labels, xarray aligned "
+              f"them and filled NaN: give control_counts exactly the feature coordinate of counts")
     if nan.any():
         _fail(f"{name}: {int(nan.sum())} NaN/inf count(s) in present replicates "
               f"{_where(nan, ds, dim, offset)}; fill them, or mark the replicate absent with a NaN size factor")

@@ -23,6 +23,9 @@ def weight_sum(xp, rate, phi, size_factor, present=None):
 
 def wald_test(xp, special, log_fold_change, info_control, info_treated):
     """Return ``(standard_error, z, p_value)`` from the per-group weight sums A and B."""
+    # A group without samples has no information: NaN, not a division by zero.
+    info_control = xp.where(info_control > 0, info_control, xp.nan)
+    info_treated = xp.where(info_treated > 0, info_treated, xp.nan)
     se = xp.sqrt(1.0 / info_control + 1.0 / info_treated)
     z = log_fold_change / se
     p = 2.0 * special.ndtr(-xp.abs(z))

@@ -1,0 +1,63 @@
+import logging
+
+import numpy as np
+import pytest
+import xarray as xr
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real distributed cluster: scheduler plus 2 worker processes on 127.0.0.1."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="3GiB",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
+        yield c
+
+
+def make_cube(counts, size_factor, control_counts, control_size_factor) -> xr.Dataset:
+    """A count cube Dataset from plain arrays, with string labels."""
+    counts = np.asarray(counts)
+    p, g, _ = counts.shape
+    return xr.Dataset(
+        {
+            "counts": (("perturbation", "feature", "replicate"), counts),
+            "size_factor": (("perturbation", "replicate"), np.asarray(size_factor, float)),
+            "control_counts": (("feature", "control_replicate"), np.asarray(control_counts)),
+            "control_size_factor": ("control_replicate", np.asarray(control_size_factor, float)),
+        },
+        coords={"perturbation": [f"p{i}" for i in range(p)], "feature": [f"g{i}" for i in range(g)]},
+    )
+
+
+def edge_case_cube(seed: int = 3, p: int = 24, g: int = 20, r: int = 5, c: int = 6) -> xr.Dataset:
+    """Small counts with many zeros, ragged replicates, extreme size factors and special rows.
+
+    Special cases: feature 0 all-zero in every group; feature 1 all-zero in the control only;
+    perturbation 0 all-zero for feature 2; perturbation 1 has one present replicate;
+    perturbation 2 has none; perturbation 3 has size factors spanning 0.01–100.
+    """
+    rng = np.random.default_rng(seed)
+    sf = np.exp(rng.normal(0, 0.5, (p, r)))
+    n_present = rng.integers(2, r + 1, p)
+    sf[np.arange(r)[None, :] >= n_present[:, None]] = np.nan
+    sf[1, 1:] = np.nan
+    sf[2, :] = np.nan
+    sf[3, :] = [0.01, 0.1, 1.0, 10.0, 100.0][:r]
+    csf = np.exp(rng.normal(0, 0.5, c))
+    csf[0] = 0.05
+    mean = np.exp(rng.uniform(np.log(0.3), np.log(30), g))
+    phi = np.exp(rng.uniform(np.log(0.01), np.log(2), g))
+    lfc = np.where(rng.random((p, g)) < 0.3, rng.normal(0, 1.5, (p, g)), 0.0)
+    m = np.nan_to_num(sf)[:, None, :] * (mean[None, :] * np.exp(lfc))[:, :, None]
+    counts = rng.poisson(rng.gamma(1 / phi[None, :, None], phi[None, :, None] * np.maximum(m, 1e-12)))
+    counts[np.broadcast_to(~np.isfinite(sf)[:, None, :], counts.shape)] = 0
+    ctrl = rng.poisson(rng.gamma(1 / phi[:, None], phi[:, None] * mean[:, None] * csf[None, :]))
+    counts[:, 0, :] = 0
+    ctrl[0, :] = 0
+    ctrl[1, :] = 0
+    counts[0, 2, :] = 0
+    return make_cube(counts.astype(np.int32), sf, ctrl.astype(np.int32), csf)
