@@ -66,9 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     tst = sub.add_parser("test", help="test every comparison of a cube and write results Zarr")
     tst.add_argument("cube")
     tst.add_argument("results")
-    tst.add_argument("--method", default="mom", choices=["mom"])
-    tst.add_argument("--test", default="wald", choices=["wald"])
+    tst.add_argument("--method", default="mom", choices=["mom", "irls"],
+                     help="mom: method of moments (default); irls: batched maximum likelihood")
+    tst.add_argument("--test", default="wald", choices=["wald", "lrt"],
+                     help="wald (default) or lrt (likelihood ratio; irls only)")
     tst.add_argument("--dispersion", default="comparison", choices=["comparison"])
+    tst.add_argument("--dispersion-fit", default="ml", choices=["ml", "cox-reid"],
+                     help="irls: maximum-likelihood or Cox-Reid adjusted dispersion")
+    tst.add_argument("--max-iter", type=int, default=50, help="irls: iteration cap (<= 127)")
+    tst.add_argument("--tol", type=float, default=1e-6, help="irls: convergence tolerance")
     tst.add_argument("--fdr", default="bh", choices=FDR_CHOICES)
     tst.add_argument("--fdr-scope", default="global", choices=["global", "perturbation"])
     where = tst.add_mutually_exclusive_group()
@@ -140,7 +146,8 @@ def _test(args) -> int:
     with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
         cube = open_cube(args.cube, chunks=chunks, storage_options=so)
         results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
-                       fdr_scope=args.fdr_scope, dispersion=args.dispersion)
+                       fdr_scope=args.fdr_scope, dispersion=args.dispersion,
+                       dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol)
         saved = save_results(results, args.results, overwrite=args.overwrite, storage_options=so,
                              client=client, progress=not args.no_progress)
     summary = summarize(saved)

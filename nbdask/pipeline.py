@@ -11,14 +11,13 @@ import xarray as xr
 from . import __version__
 from .errors import OptionError
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
-from .kernels import KERNELS
+from .kernels import DISPERSION_FITS, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
 from .schema import (CONTROL_REPLICATE, FEATURE, OUTPUTS, PERTURBATION, REPLICATE,
                      check_count_block, check_small_values, validate_structure)
 
 logger = logging.getLogger("nbdask")
 
-TESTS = {"mom": ("wald",)}
 DISPERSIONS = ("comparison",)
 
 
@@ -28,7 +27,7 @@ def _check_option(name: str, value, allowed) -> None:
 
 
 def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature, *,
-           kernel, names, check):
+           kernel, names, check, options):
     """Run ``kernel`` on one block as apply_ufunc hands it over (broadcast singleton axes)."""
     p_b, g_b, r = counts.shape
     size_factor = size_factor.reshape(p_b, r)
@@ -38,13 +37,13 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
                           np.asarray(perturbation).reshape(p_b), np.asarray(feature).reshape(g_b))
-    out = kernel(counts, size_factor, control_counts, control_size_factor)
+    out = kernel(counts, size_factor, control_counts, control_size_factor, **options)
     return tuple(out[name] for name in names)
 
 
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
-         fdr_scope: str = "global", dispersion: str = "comparison",
-         check_counts: bool = True) -> xr.Dataset:
+         fdr_scope: str = "global", dispersion: str = "comparison", dispersion_fit: str = "ml",
+         max_iter: int = 50, tol: float = 1e-6, check_counts: bool = True) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -53,14 +52,18 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         Count cube following the input schema (``nbdask.open_cube`` or ``nbdask.simulate``).
         Dask-backed cubes give a lazy result; NumPy-backed cubes are computed at once.
     method
-        Estimator: ``"mom"`` (method of moments, the default).
+        Estimator: ``"mom"`` (method of moments, the default) or ``"irls"`` (maximum likelihood
+        of the NB2 GLM, batched; adds ``converged`` and ``iterations``).
     test
-        ``"wald"``.
+        ``"wald"``, or ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
     fdr, fdr_scope
         ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics) or ``"none"``; over all
         comparisons (``"global"``) or within each perturbation (``"perturbation"``).
     dispersion
         Whose samples inform the dispersion: ``"comparison"`` (this comparison's only).
+    dispersion_fit, max_iter, tol
+        Iterative methods: ``"ml"`` or ``"cox-reid"`` (adjusted profile likelihood) dispersion,
+        the iteration cap (<= 127) and the convergence tolerance on log-scale steps.
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed
         (a bad block fails the run with a ``CubeError``).
@@ -71,7 +74,15 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     (perturbation, feature) grid, and attrs recording the method and options.
     """
     _check_option("method", method, KERNELS)
-    _check_option("test", test, TESTS[method])
+    spec = KERNELS[method]
+    _check_option("test", test, spec.tests)
+    _check_option("dispersion_fit", dispersion_fit, DISPERSION_FITS)
+    if not 1 <= int(max_iter) <= 127 or not tol > 0:
+        raise OptionError(f"max_iter={max_iter}, tol={tol}: need 1 <= max_iter <= 127 and tol > 0")
+    given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol)}
+    kernel_options = {k: given[k] for k in spec.options}
+    if "test" in spec.options or len(spec.tests) > 1:
+        kernel_options["test"] = test
     _check_option("fdr", fdr, FDR_METHODS)
     _check_option("fdr_scope", fdr_scope, FDR_SCOPES)
     _check_option("dispersion", dispersion, DISPERSIONS)
@@ -80,14 +91,15 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
 
     counts = cube["counts"]
     side = _aligned_side_inputs(cube)
-    names = [n for n in OUTPUTS if n not in ("q_value", "converged", "iterations")]
+    names = list(spec.outputs)
     outputs = xr.apply_ufunc(
         _block, counts, *side,
         input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []],
         output_core_dims=[[] for _ in names],
         dask="parallelized",
         output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
-        kwargs={"kernel": KERNELS[method], "names": names, "check": check_counts},
+        kwargs={"kernel": spec.kernel, "names": names, "check": check_counts,
+                "options": kernel_options},
     )
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}
     results = xr.Dataset(
@@ -99,7 +111,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         q = adjust(results["p_value"], method=fdr, scope=fdr_scope)
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())
     options = {"method": method, "test": test, "fdr": fdr, "fdr_scope": fdr_scope,
-               "dispersion": dispersion}
+               "dispersion": dispersion, **kernel_options}
     results.attrs.update(options)
     results.attrs.update({
         "options": json.dumps(options, sort_keys=True),

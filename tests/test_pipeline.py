@@ -153,3 +153,19 @@ def test_null_calibration_smoke():
     lo, hi = 0.05 - 4 * se, 0.08 + 4 * se
     print(f"null rejection rate at p < 0.05: {rate:.4f} (SE {se:.4f}, band [{lo:.4f}, {hi:.4f}])")
     assert lo <= rate <= hi
+
+
+def test_cli_irls_lrt_on_local_cluster(cube_path, tmp_path):
+    out = str(tmp_path / "irls.zarr")
+    r = run_cli("test", cube_path, out, "--method", "irls", "--test", "lrt", "--dispersion-fit",
+                "cox-reid", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    from nbdask.kernels.irls import irls_kernel
+
+    res = nbdask.open_results(out)
+    assert res.attrs["method"] == "irls" and res.attrs["dispersion_fit"] == "cox-reid"
+    cube = nbdask.open_cube(cube_path).load()
+    ref = irls_kernel(*(cube[v].values for v in INPUTS), test="lrt", dispersion_fit="cox-reid")
+    for name in ("log_fold_change", "p_value", "converged", "iterations"):
+        np.testing.assert_array_equal(res[name].values, ref[name], err_msg=name)
+    assert res["iterations"].dtype == np.int8 and res["converged"].dtype == bool
