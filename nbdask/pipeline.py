@@ -11,7 +11,7 @@ import xarray as xr
 from . import __version__
 from .errors import OptionError
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
-from .kernels import DISPERSION_FITS, KERNELS
+from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
 from .schema import (CONTROL_REPLICATE, FEATURE, OUTPUTS, PERTURBATION, REPLICATE,
                      check_count_block, check_small_values, validate_structure)
@@ -27,13 +27,14 @@ def _check_option(name: str, value, allowed) -> None:
 
 
 def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature, *,
-           kernel, names, check, options):
-    """Run ``kernel`` on one block as apply_ufunc hands it over (broadcast singleton axes)."""
+           method, engine, names, check, options):
+    """Run the method's kernel on one block as apply_ufunc hands it over (singleton axes)."""
     p_b, g_b, r = counts.shape
     size_factor = size_factor.reshape(p_b, r)
     control_counts = control_counts.reshape(g_b, -1)
+    xp, _ = namespaces(counts)
+    kernel = KERNELS[method].select(engine, is_host(xp))
     if check:
-        xp, _ = namespaces(counts)
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
                           np.asarray(perturbation).reshape(p_b), np.asarray(feature).reshape(g_b))
@@ -43,7 +44,8 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
 
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
          fdr_scope: str = "global", dispersion: str = "comparison", dispersion_fit: str = "ml",
-         max_iter: int = 50, tol: float = 1e-6, check_counts: bool = True) -> xr.Dataset:
+         max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
+         check_counts: bool = True) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -64,6 +66,9 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     dispersion_fit, max_iter, tol
         Iterative methods: ``"ml"`` or ``"cox-reid"`` (adjusted profile likelihood) dispersion,
         the iteration cap (<= 127) and the convergence tolerance on log-scale steps.
+    engine
+        ``"auto"`` runs the fused numba kernel on NumPy blocks and the array-API kernel on CuPy
+        blocks; ``"numba"`` or ``"array"`` forces one (the results agree to rounding).
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed
         (a bad block fails the run with a ``CubeError``).
@@ -77,6 +82,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     spec = KERNELS[method]
     _check_option("test", test, spec.tests)
     _check_option("dispersion_fit", dispersion_fit, DISPERSION_FITS)
+    _check_option("engine", engine, ENGINES)
     if not 1 <= int(max_iter) <= 127 or not tol > 0:
         raise OptionError(f"max_iter={max_iter}, tol={tol}: need 1 <= max_iter <= 127 and tol > 0")
     given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol)}
@@ -98,7 +104,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         output_core_dims=[[] for _ in names],
         dask="parallelized",
         output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
-        kwargs={"kernel": spec.kernel, "names": names, "check": check_counts,
+        kwargs={"method": method, "engine": engine, "names": names, "check": check_counts,
                 "options": kernel_options},
     )
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}

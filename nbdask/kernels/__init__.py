@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import OptionError
 from .irls import DISPERSION_FITS, irls_kernel
 from .mom import mom_kernel
 
@@ -25,12 +26,29 @@ class Method:
     tests: tuple[str, ...]
     outputs: tuple[str, ...] = _ESTIMATES
     options: dict = field(default_factory=dict)  # option name -> default
+    fused: str | None = None  # name of the numba twin in kernels.fused
 
+    def select(self, engine: str, xp_is_host: bool):
+        """The kernel to run: the numba twin for host arrays unless ``engine="array"``."""
+        if engine == "array" or self.fused is None or not xp_is_host:
+            if engine == "numba" and not xp_is_host:
+                raise OptionError("engine='numba' runs on NumPy arrays only; use engine='auto' for CuPy")
+            return self.kernel
+        try:
+            from . import fused
+        except ImportError as err:
+            if engine == "numba":
+                raise OptionError(f"engine='numba' needs numba ({err}); pip install numba") from None
+            return self.kernel
+        return getattr(fused, self.fused)
+
+
+ENGINES = ("auto", "numba", "array")
 
 KERNELS = {
-    "mom": Method(mom_kernel, ("wald",)),
+    "mom": Method(mom_kernel, ("wald",), fused="mom_fused"),
     "irls": Method(irls_kernel, ("wald", "lrt"), _ESTIMATES + ("converged", "iterations"),
-                   {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}),
+                   {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls_fused"),
 }
 
-__all__ = ["DISPERSION_FITS", "KERNELS", "Method", "irls_kernel", "mom_kernel"]
+__all__ = ["DISPERSION_FITS", "ENGINES", "KERNELS", "Method", "irls_kernel", "mom_kernel"]

@@ -290,9 +290,10 @@ def _wald_observed(xp, special, groups, thetas, alpha, fix_alpha):
     d, e = -hta_c, -hta_t
     # Inverse of [[a, 0, d], [0, b, e], [d, e, c]]: Var(theta_T - theta_C) = i11 + i22 - 2 i12.
     det = a * b * c - a * e * e - b * d * d
-    var_full = ((a * c - d * d) + (b * c - e * e) - 2.0 * (d * e)) / det
-    var_fixed = 1.0 / a + 1.0 / b
     use_full = ~fix_alpha & (det > 0) & (c > 0)
+    var_full = ((a * c - d * d) + (b * c - e * e) - 2.0 * (d * e)) / xp.where(use_full, det, 1.0)
+    # A group without samples has no information: NaN, not a division by zero.
+    var_fixed = 1.0 / xp.where(a > 0, a, xp.nan) + 1.0 / xp.where(b > 0, b, xp.nan)
     var = xp.where(use_full, var_full, var_fixed)
     return xp.sqrt(xp.where(var > 0, var, xp.nan))
 
