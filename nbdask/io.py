@@ -213,7 +213,9 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                                   compute=False, encoding=_encoding(results, {}))
         if lazy:
             with compute_client(client=client) as active:
-                futures = active.compute([delayed, *summary.values()])
+                # One graph: optimising the collections separately would rename shared keys and
+                # run the kernels twice.
+                futures = active.compute([delayed, *summary.values()], optimize_graph=False)
                 if progress:
                     show_progress(futures)
                 counts = dict(zip(summary, active.gather(futures)[1:]))
