@@ -9,6 +9,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .dispersion import DISPERSIONS, feature_dispersion
 from .errors import OptionError
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
@@ -18,7 +19,6 @@ from .schema import (CONTROL_REPLICATE, FEATURE, OUTPUTS, PERTURBATION, REPLICAT
 
 logger = logging.getLogger("nbdask")
 
-DISPERSIONS = ("comparison",)
 
 
 def _check_option(name: str, value, allowed) -> None:
@@ -26,14 +26,16 @@ def _check_option(name: str, value, allowed) -> None:
         raise OptionError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
 
 
-def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature, *,
-           method, engine, names, check, options):
+def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature,
+           *per_feature, method, engine, names, check, options, per_feature_names):
     """Run the method's kernel on one block as apply_ufunc hands it over (singleton axes)."""
     p_b, g_b, r = counts.shape
     size_factor = size_factor.reshape(p_b, r)
     control_counts = control_counts.reshape(g_b, -1)
     xp, _ = namespaces(counts)
-    kernel = KERNELS[method].select(engine, is_host(xp))
+    # The fused kernels implement the per-comparison dispersion only.
+    kernel = KERNELS[method].select("array" if per_feature else engine, is_host(xp))
+    options = {**options, **{n: v.reshape(g_b) for n, v in zip(per_feature_names, per_feature)}}
     if check:
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
@@ -62,7 +64,12 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics) or ``"none"``; over all
         comparisons (``"global"``) or within each perturbation (``"perturbation"``).
     dispersion
-        Whose samples inform the dispersion: ``"comparison"`` (this comparison's only).
+        Whose samples inform the dispersion: ``"comparison"`` (this comparison's only, the
+        paper's), ``"feature"`` (one robust pooled value per feature from every perturbation and
+        the control) or ``"shrunk"`` (empirical Bayes between the two); see
+        ``nbdask.dispersion``. The pooled modes run their reduction pass over the cube when
+        ``test`` is called (on the active client), since every p-value depends on it, and
+        add ``feature_log_dispersion`` (and its spread and outlier counts) to the results.
     dispersion_fit, max_iter, tol
         Iterative methods: ``"ml"`` or ``"cox-reid"`` (adjusted profile likelihood) dispersion,
         the iteration cap (<= 127) and the convergence tolerance on log-scale steps.
@@ -97,15 +104,27 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
 
     counts = cube["counts"]
     side = _aligned_side_inputs(cube)
+    pooled = None
+    per_feature, per_feature_names = [], []
+    if dispersion != "comparison":
+        pooled = feature_dispersion(cube)
+        per_feature_names = ["feature_dispersion"] + (["dispersion_spread"] if dispersion == "shrunk" else [])
+        values = {"feature_dispersion": np.exp(pooled["feature_log_dispersion"].values.astype(np.float64)),
+                  "dispersion_spread": pooled["feature_dispersion_spread"].values}
+        chunks = dict(zip(counts.dims, counts.chunks)) if counts.chunks is not None else None
+        for name in per_feature_names:
+            arr = xr.DataArray(values[name], dims=FEATURE)
+            per_feature.append(arr.chunk({FEATURE: chunks[FEATURE]}) if chunks else arr)
     names = list(spec.outputs)
     outputs = xr.apply_ufunc(
-        _block, counts, *side,
-        input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []],
+        _block, counts, *side, *per_feature,
+        input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []]
+        + [[] for _ in per_feature],
         output_core_dims=[[] for _ in names],
         dask="parallelized",
         output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
         kwargs={"method": method, "engine": engine, "names": names, "check": check_counts,
-                "options": kernel_options},
+                "options": kernel_options, "per_feature_names": per_feature_names},
     )
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}
     results = xr.Dataset(
@@ -113,6 +132,9 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
          for n, out in zip(names, outputs)},
         coords=coords,
     )
+    if pooled is not None:
+        for name in pooled.data_vars:
+            results[name] = pooled[name].assign_attrs(OUTPUTS[name].attrs())
     if fdr != "none":
         q = adjust(results["p_value"], method=fdr, scope=fdr_scope)
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())

@@ -76,6 +76,13 @@ OUTPUTS = _declare(
     Variable("q_value", _PF, "f",
              "FDR-adjusted p-value over all non-NaN p-values in the FDR scope; NaN where p is NaN.",
              "float64"),
+    Variable("feature_log_dispersion", (FEATURE,), "f",
+             "Log of the feature's pooled NB2 dispersion (dispersion='feature' or 'shrunk').", "float32"),
+    Variable("feature_dispersion_spread", (FEATURE,), "f",
+             "Between-perturbation variance tau^2 of the feature's dispersion (moment estimate).",
+             "float64"),
+    Variable("feature_outlier_groups", (FEATURE,), "i",
+             "Treated groups left out of the feature's pool as grossly over-dispersed.", "int64"),
     Variable("converged", _PF, "b", "Whether the iterative fit converged (iterative methods).", "bool"),
     Variable("iterations", _PF, "i", "Iterations the fit used (iterative methods).", "int8"),
 )

@@ -136,12 +136,14 @@ def _boundary_score(xp, groups, owner, n_params, thetas, cox_reid):
     return score
 
 
-def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6):
+def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6,
+           alpha_fixed=None):
     """Fit log rates theta_k (k = 0 .. max(owner)) and one alpha per comparison.
 
     ``groups`` are data groups; ``owner[j]`` is the theta index group j uses (the full model
-    gives each group its own rate, the reduced model ties them). Returns (thetas, alpha,
-    converged, iterations, capped) with comparison-shaped arrays.
+    gives each group its own rate, the reduced model ties them). With ``alpha_fixed`` (log phi
+    per comparison) only the rates are fitted. Returns (thetas, alpha, converged, iterations,
+    capped) with comparison-shaped arrays.
     """
     n_params = max(owner) + 1
     totals_y = [0.0] * n_params
@@ -166,6 +168,9 @@ def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6)
     shape = thetas[0].shape
     lo, hi = math.log(MIN_DISPERSION), math.log(MAX_DISPERSION)
 
+    if alpha_fixed is not None:
+        return _fit_rates(xp, groups, owner, n_params, thetas, zero, capped,
+                          xp.broadcast_to(alpha_fixed, shape) + 0.0, max_iter, tol)
     interior = _boundary_score(xp, groups, owner, n_params, thetas, cox_reid) > 0
     # Start alpha from the moment estimate of the Poisson residuals.
     num = 0.0
@@ -224,6 +229,20 @@ def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6)
                                   xp.ones(shape, dtype=xp.bool))
     converged = converged & ~capped & (alpha < hi)
     return thetas, alpha, converged, iterations, capped
+
+
+def _fit_rates(xp, groups, owner, n_params, thetas, zero, capped, alpha, max_iter, tol):
+    """Newton for the log rates at a fixed dispersion (a concave 1-D problem per rate)."""
+    phi = xp.exp(alpha)
+    active = xp.ones(alpha.shape, dtype=xp.bool)
+    iterations = xp.zeros(alpha.shape, dtype=xp.int8)
+    for it in range(max_iter):
+        thetas, moved = _theta_newton(xp, groups, owner, n_params, thetas, phi, zero, active)
+        iterations = xp.where(active, iterations + 1, iterations)
+        active = active & ~(moved < tol)
+        if (it + 1) % CHECK_EVERY == 0 and not bool(xp.any(active)):
+            break
+    return thetas, alpha, ~active & ~capped, iterations, capped
 
 
 def _theta_newton(xp, groups, owner, n_params, thetas, phi, zero, active):
@@ -299,7 +318,8 @@ def _wald_observed(xp, special, groups, thetas, alpha, fix_alpha):
 
 
 def irls_kernel(counts, size_factor, control_counts, control_size_factor, *, test="wald",
-                dispersion_fit="ml", max_iter=50, tol=1e-6):
+                dispersion_fit="ml", max_iter=50, tol=1e-6, feature_dispersion=None,
+                dispersion_spread=None):
     """Maximum-likelihood NB2 fit and test for every comparison of one block.
 
     Parameters
@@ -314,6 +334,10 @@ def irls_kernel(counts, size_factor, control_counts, control_size_factor, *, tes
     max_iter, tol
         Dispersion iterations (at most 127) and the convergence tolerance on the alpha and
         log-rate steps.
+    feature_dispersion, dispersion_spread : array [G_b], optional
+        With ``dispersion="feature"`` / ``"shrunk"``: phi is fixed at the pooled value (or the
+        MoM estimate shrunk toward it) and only the rates are fitted; Wald uses the (mu, beta)
+        information at that phi, and the LRT's reduced model shares it.
 
     Returns
     -------
@@ -331,27 +355,33 @@ def irls_kernel(counts, size_factor, control_counts, control_size_factor, *, tes
     trt = _Group(xp, counts, size_factor[:, None, :], present[:, None, :])
     groups = [ctrl, trt]
     cox_reid = dispersion_fit == "cox-reid"
+    mom = mom_kernel(counts, size_factor, control_counts, control_size_factor,
+                     feature_dispersion=feature_dispersion, dispersion_spread=dispersion_spread)
+    fixed = None
+    if feature_dispersion is not None:
+        fixed = xp.astype(mom["log_dispersion"], f64)
+        fixed = xp.where(xp.isfinite(fixed), fixed, 0.0)
     thetas, alpha, converged, iterations, capped = fit_nb(
-        xp, special, groups, [0, 1], cox_reid=cox_reid, max_iter=max_iter, tol=tol)
+        xp, special, groups, [0, 1], cox_reid=cox_reid, max_iter=max_iter, tol=tol,
+        alpha_fixed=fixed)
     thetas = [xp.broadcast_to(t, alpha.shape) for t in thetas]
     beta = thetas[1] - thetas[0]
     if test == "lrt":
         ll_full = sum(log_likelihood(xp, special, g, t, alpha) for g, t in zip(groups, thetas))
         (theta0,), alpha0, conv0, _, _ = fit_nb(xp, special, groups, [0, 0], cox_reid=cox_reid,
-                                                max_iter=max_iter, tol=tol)
+                                                max_iter=max_iter, tol=tol, alpha_fixed=fixed)
         ll_null = sum(log_likelihood(xp, special, g, theta0, alpha0) for g in groups)
         stat = xp.maximum(2.0 * (ll_full - ll_null), 0.0)
         p = special.chdtrc(1.0, stat)
-        se = _wald_observed(xp, special, groups, thetas, alpha, alpha <= math.log(MIN_DISPERSION))
         converged = converged & conv0
-    else:
-        se = _wald_observed(xp, special, groups, thetas, alpha, alpha <= math.log(MIN_DISPERSION))
+    fix_alpha = (alpha <= math.log(MIN_DISPERSION)) | (fixed is not None)
+    se = _wald_observed(xp, special, groups, thetas, alpha, fix_alpha)
+    if test != "lrt":
         stat = beta / se
         p = 2.0 * special.ndtr(-xp.abs(stat))
         p = xp.where(xp.isfinite(p), p, 1.0)
 
     # Untestable comparisons keep the MoM conventions (NaN p); their fit is not meaningful.
-    mom = mom_kernel(counts, size_factor, control_counts, control_size_factor)
     untestable = xp.isnan(mom["p_value"])
     no_samples = xp.isnan(mom["log_fold_change"])
     nan = xp.nan

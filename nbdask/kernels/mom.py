@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backend import namespaces
-from .moments import group_moments
+from .moments import group_moments, poisson_term
 from .wald import wald_test, weight_sum
 
 #: Floor of the shared dispersion estimate phi hat (DESeq2's minDisp).
@@ -33,7 +33,27 @@ def pooled_dispersion(xp, parts):
     return xp.maximum(xp.where(den > 0, pooled, MIN_DISPERSION), MIN_DISPERSION)
 
 
-def mom_kernel(counts, size_factor, control_counts, control_size_factor):
+def group_rates(xp, ctrl, trt):
+    """Group rates for the estimates: q bar, or ZERO_GROUP_COUNT / sum(l) for an all-zero group."""
+    rate_c = xp.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
+    library_t = xp.where(trt.library > 0, trt.library, 1.0)
+    rate_t = xp.where(trt.rate_mean > 0, trt.rate_mean, ZERO_GROUP_COUNT / library_t)
+    return rate_c, rate_t
+
+
+def shrink_dispersion(xp, phi_comparison, weight, poisson, feature_dispersion, spread):
+    """Empirical-Bayes compromise between a comparison's moment dispersion and its feature's.
+
+    phi = w phi_c + (1 - w) phi_f, w = tau^2 / (tau^2 + v_c), v_c = 2 (phi_f + a_c)^2 / df_c:
+    the sampling variance of phi_c against the feature's between-perturbation variance tau^2.
+    """
+    v = 2.0 * (feature_dispersion + poisson) ** 2 / xp.where(weight > 0, weight, 1.0)
+    w = xp.where(weight > 0, spread / (spread + v), 0.0)
+    return xp.maximum(w * phi_comparison + (1.0 - w) * feature_dispersion, MIN_DISPERSION)
+
+
+def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
+               feature_dispersion=None, dispersion_spread=None):
     """MoM estimates and Wald test for every comparison of one block.
 
     Parameters
@@ -46,6 +66,10 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor):
         Control counts.
     control_size_factor : array [C]
         Control size factors.
+    feature_dispersion, dispersion_spread : array [G_b], optional
+        Per-feature pooled dispersion phi_f (``dispersion="feature"``: used as phi) and, with it,
+        the between-perturbation variance tau^2 (``dispersion="shrunk"``: phi is shrunk toward
+        phi_f by ``shrink_dispersion``). See ``nbdask.dispersion``.
 
     Returns
     -------
@@ -64,14 +88,20 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor):
     trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
     n_t = trt.n  # [P_b, 1]
 
-    rate_c = xp.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
-    library_t = xp.where(trt.library > 0, trt.library, 1.0)
-    rate_t = xp.where(trt.rate_mean > 0, trt.rate_mean, ZERO_GROUP_COUNT / library_t)
+    rate_c, rate_t = group_rates(xp, ctrl, trt)
     log_rate_c = xp.log(rate_c)
     mu = xp.broadcast_to(log_rate_c, rate_t.shape)
     beta = xp.log(rate_t) - log_rate_c
 
-    phi = pooled_dispersion(xp, [group_dispersion(xp, ctrl), group_dispersion(xp, trt)])
+    parts = [group_dispersion(xp, ctrl), group_dispersion(xp, trt)]
+    phi = pooled_dispersion(xp, parts)
+    if feature_dispersion is not None and dispersion_spread is None:
+        phi = xp.broadcast_to(feature_dispersion, rate_t.shape)
+    elif feature_dispersion is not None:
+        weight = parts[0][1] + parts[1][1]
+        raw = (parts[0][0] * parts[0][1] + parts[1][0] * parts[1][1]) / xp.where(weight > 0, weight, 1.0)
+        a = poisson_term(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present)
+        phi = shrink_dispersion(xp, raw, weight, a, feature_dispersion, dispersion_spread)
     info_c = weight_sum(xp, rate_c, phi, control_size_factor)
     info_t = weight_sum(xp, rate_t, phi, size_factor, present)
     se, z, p = wald_test(xp, special, beta, info_c, info_t)

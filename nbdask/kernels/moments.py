@@ -40,3 +40,16 @@ def group_moments(xp, y, size_factor, present) -> GroupMoments:
     library = xp.sum(xp.where(present, sf, 0.0), axis=-1)
     inv = xp.sum(weight / sf, axis=-1) / n_safe
     return GroupMoments(n, library, inv, rate_mean, rate_var)
+
+
+def poisson_term(xp, ctrl: GroupMoments, trt: GroupMoments, rate_c, rate_t, control_size_factor,
+                 size_factor, present):
+    """Mean of 1/m_i over a comparison's samples, m_i = l_i * rate of its group: [P_b, G_b].
+
+    ``rate_c`` [G_b] and ``rate_t`` [P_b, G_b] are the fitted group rates; ``size_factor`` and
+    ``present`` are the treated [P_b, R] arrays.
+    """
+    inv_c = xp.sum(1.0 / control_size_factor) / rate_c
+    inv_l = xp.sum(xp.where(present, 1.0 / xp.where(present, size_factor, 1.0), 0.0), axis=-1)
+    n = control_size_factor.shape[0] + trt.n
+    return (inv_c + inv_l[:, None] / rate_t) / n

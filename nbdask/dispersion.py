@@ -1,0 +1,184 @@
+"""Screen-aware dispersion: one NB2 dispersion per feature, pooled over all its perturbations.
+
+Every feature is compared against the same control in every perturbation, and under the model
+its dispersion is the same in all of them. Pooling the per-group moment equations over the
+control and every perturbation's treated group gives a per-feature estimate from thousands of
+samples instead of the 2–10 + 2–10 of one comparison.
+
+Estimator (per feature, a ratio of sums over groups k with n_k >= 2 replicates, each group
+around its own mean so true effects do not inflate it):
+
+    phi_f = sum_k (n_k - 1)(s2_k - qbar_k * mean_k(1/l)) / sum_k (n_k - 1)(qbar_k^2 - s2_k / n_k)
+
+The numerator is unbiased for (n_k - 1) phi lambda_k^2 and the denominator, through the
+``- s2_k / n_k`` correction of qbar_k^2, for (n_k - 1) lambda_k^2, so the ratio is consistent at
+every mean count (without the correction it runs 15% low at means below 2). Robustness: within
+each block, groups whose Pearson statistic sum_i (q_i - qbar)^2 / (qbar/l_i + phi qbar^2)
+exceeds the 99.9% chi-square quantile (n_k - 1 df) under the block's own pooled estimate are
+left out (two rounds), which removes grossly over-dispersed perturbations and drops ~0.1% of
+groups at the null.
+
+``"shrunk"`` moves each comparison's own moment estimate phi_c toward phi_f on the dispersion
+scale, phi = w phi_c + (1 - w) phi_f with w = tau^2 / (tau^2 + v_c): v_c = 2 (phi_f + a_c)^2 / df_c
+is the sampling variance of phi_c (a_c the mean Poisson term 1/m_i, df_c = n_C + n_T - 2) and
+tau^2 the feature's between-perturbation variance of the true dispersion, estimated by moments
+(variance of phi_c across perturbations minus the mean v_c, floored at 0). With one shared
+dispersion tau^2 ~ 0 and shrunk equals feature; a perturbation that changes the variability
+keeps part of its own estimate.
+
+All sums decompose over perturbation blocks, so the pass is one map-reduce over the cube.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from scipy import stats
+
+from .kernels.backend import namespaces
+from .kernels.moments import group_moments, poisson_term
+from .kernels.mom import MIN_DISPERSION, group_rates
+from .schema import FEATURE
+
+DISPERSIONS = ("comparison", "feature", "shrunk")
+#: Groups whose Pearson statistic exceeds this chi-square quantile are left out of the pool.
+OUTLIER_LEVEL = 0.999
+OUTLIER_ROUNDS = 2
+_CHI2 = stats.chi2.ppf(OUTLIER_LEVEL, np.arange(1, 128))  # indexed by df - 1
+
+#: Rows of the per-block partial sums (axis 0 of ``feature_sums``).
+SUMS = ("numerator", "denominator", "groups", "outliers", "phi", "phi_sq", "inv_df", "a_df",
+        "a_sq_df", "comparisons")
+
+
+def _pooled(xp, num, den):
+    return xp.maximum(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), MIN_DISPERSION),
+                      MIN_DISPERSION)
+
+
+def feature_sums(counts, size_factor, control_counts, control_size_factor):
+    """Partial per-feature sums of one block: array [len(SUMS), G_b] (float64)."""
+    xp, _ = namespaces(counts, size_factor, control_counts, control_size_factor)
+    f64 = xp.float64
+    size_factor = xp.astype(size_factor, f64)
+    control_size_factor = xp.astype(control_size_factor, f64)
+    present = xp.isfinite(size_factor)
+    ctrl = group_moments(xp, control_counts, control_size_factor,
+                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+    trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
+
+    def contributions(m):
+        w = xp.maximum(m.n - 1.0, 0.0)
+        return (w * (m.rate_var - m.rate_mean * m.inv_size_factor),
+                w * (m.rate_mean * m.rate_mean - m.rate_var / xp.maximum(m.n, 1.0)))
+
+    num_c, den_c = contributions(ctrl)
+    num_t, den_t = contributions(trt)  # [P_b, G_b]
+    sf = xp.where(present, size_factor, 1.0)[:, None, :]
+    rate = xp.where(present[:, None, :], xp.astype(counts, f64) / sf, 0.0)
+    qbar = trt.rate_mean[..., None]
+    dev2 = (rate - qbar) ** 2
+    n_t = trt.n  # [P_b, 1]
+    df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
+    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=f64), xp.reshape(df_index, (-1,))), n_t.shape)
+    keep = (n_t >= 2) & (trt.rate_mean > 0)
+    for _ in range(OUTLIER_ROUNDS):
+        est = _pooled(xp, xp.sum(xp.where(keep, num_t, 0.0), axis=0) + num_c,
+                      xp.sum(xp.where(keep, den_t, 0.0), axis=0) + den_c)
+        var = qbar / sf + est[None, :, None] * qbar * qbar
+        pearson = xp.sum(xp.where(present[:, None, :], dev2 / xp.where(var > 0, var, 1.0), 0.0),
+                         axis=-1)
+        keep = (n_t >= 2) & (trt.rate_mean > 0) & (pearson <= limit)
+    outliers = (n_t >= 2) & (trt.rate_mean > 0) & ~keep
+
+    # Per-comparison moment dispersion (unfloored) and its sampling-variance pieces.
+    phi_c, w_c = _group_phi(xp, ctrl)
+    phi_t, w_t = _group_phi(xp, trt)
+    df = w_c + w_t
+    comp = (df > 0) & (n_t > 0)
+    phi = (phi_c * w_c + phi_t * w_t) / xp.where(df > 0, df, 1.0)
+    rate_c, rate_t = group_rates(xp, ctrl, trt)
+    a = poisson_term(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present)
+    inv_df = 1.0 / xp.where(df > 0, df, 1.0)
+
+    def total(x):
+        return xp.sum(xp.where(comp, x, 0.0), axis=0)
+
+    rows = [
+        xp.sum(xp.where(keep, num_t, 0.0), axis=0),
+        xp.sum(xp.where(keep, den_t, 0.0), axis=0),
+        xp.sum(xp.astype(keep, f64), axis=0),
+        xp.sum(xp.astype(outliers, f64), axis=0),
+        total(phi), total(phi * phi), total(inv_df), total(a * inv_df), total(a * a * inv_df),
+        xp.sum(xp.astype(comp, f64), axis=0),
+    ]
+    return xp.stack([xp.broadcast_to(r, rows[0].shape) for r in rows])
+
+
+def _group_phi(xp, m):
+    """Unfloored per-group moment dispersion and its weight n - 1 (0 without signal)."""
+    signal = m.rate_mean > 0
+    safe = xp.where(signal, m.rate_mean, 1.0)
+    phi = (m.rate_var - safe * m.inv_size_factor) / (safe * safe)
+    return xp.where(signal, phi, 0.0), xp.where(signal, xp.maximum(m.n - 1.0, 0.0), 0.0)
+
+
+def combine(sums, control_counts, control_size_factor) -> dict[str, np.ndarray]:
+    """Per-feature dispersion and between-perturbation variance from the summed partials."""
+    xp, _ = namespaces(sums)
+    s = dict(zip(SUMS, sums))
+    ctrl = group_moments(xp, control_counts, xp.astype(control_size_factor, xp.float64),
+                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+    w = xp.maximum(ctrl.n - 1.0, 0.0)
+    num = s["numerator"] + w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor)
+    den = s["denominator"] + w * (ctrl.rate_mean ** 2 - ctrl.rate_var / ctrl.n)
+    phi_f = _pooled(xp, num, den)
+    cnt = xp.where(s["comparisons"] > 0, s["comparisons"], 1.0)
+    spread = s["phi_sq"] / cnt - 2.0 * phi_f * s["phi"] / cnt + phi_f * phi_f
+    sampling = 2.0 * (phi_f * phi_f * s["inv_df"] + 2.0 * phi_f * s["a_df"] + s["a_sq_df"]) / cnt
+    tau2 = xp.maximum(spread - sampling, 0.0)
+    return {"feature_dispersion": phi_f, "dispersion_spread": tau2,
+            "outlier_groups": s["outliers"], "pooled_groups": s["groups"]}
+
+
+def _sums_block(counts, size_factor, control_counts, control_size_factor):
+    p_b, g_b, r = counts.shape
+    out = feature_sums(counts, size_factor.reshape(p_b, r), control_counts.reshape(g_b, -1),
+                       control_size_factor)
+    return out[None, ...]
+
+
+def feature_dispersion(cube: xr.Dataset) -> xr.Dataset:
+    """Run the pooling pass over a validated cube; returns per-feature variables (computed).
+
+    Variables (feature,): ``feature_log_dispersion`` (log phi_f), ``feature_dispersion_spread``
+    (tau^2), ``feature_outlier_groups`` (treated groups left out of the pool).
+    """
+    counts = cube["counts"]
+    side = [cube[v].drop_vars(list(cube[v].coords)) for v in
+            ("size_factor", "control_counts", "control_size_factor")]
+    if counts.chunks is not None:
+        chunks = dict(zip(counts.dims, counts.chunks))
+        side = [v.chunk({d: chunks.get(d, -1) for d in v.dims}) for v in side]
+        import dask.array as da
+
+        blocks = da.blockwise(
+            _sums_block, "bkg",
+            counts.data, "bgr", side[0].data, "br", side[1].data, "gc", side[2].data, "c",
+            new_axes={"k": len(SUMS)}, concatenate=True, dtype=np.float64,
+            adjust_chunks={"b": 1},
+        )
+        sums = blocks.sum(axis=0).compute()
+    else:
+        sums = _sums_block(counts.values, *(v.values for v in side))[0]
+    out = combine(sums, cube["control_counts"].values, cube["control_size_factor"].values)
+    coords = {FEATURE: cube[FEATURE]} if FEATURE in cube.coords else {}
+    return xr.Dataset(
+        {
+            "feature_log_dispersion": (FEATURE, np.log(out["feature_dispersion"]).astype(np.float32)),
+            "feature_dispersion_spread": (FEATURE, out["dispersion_spread"]),
+            "feature_outlier_groups": (FEATURE, out["outlier_groups"].astype(np.int64)),
+        },
+        coords=coords,
+    )
+
