@@ -12,11 +12,14 @@ around its own mean so true effects do not inflate it):
 
 The numerator is unbiased for (n_k - 1) phi lambda_k^2 and the denominator, through the
 ``- s2_k / n_k`` correction of qbar_k^2, for (n_k - 1) lambda_k^2, so the ratio is consistent at
-every mean count (without the correction it runs 15% low at means below 2). Robustness: within
-each block, groups whose Pearson statistic sum_i (q_i - qbar)^2 / (qbar/l_i + phi qbar^2)
-exceeds the 99.9% chi-square quantile (n_k - 1 df) under the block's own pooled estimate are
-left out (two rounds), which removes grossly over-dispersed perturbations and drops ~0.1% of
-groups at the null.
+every mean count (without the correction it runs 15% low at means below 2). Robustness, within
+each block and in two rounds under the block's own pooled estimate: a group whose Pearson
+statistic sum_i (q_i - qbar)^2 / (qbar/l_i + phi qbar^2) exceeds the 99.9% chi-square quantile
+(n_k - 1 df) is left out (~0.1% of groups at the null), and so is every group of a perturbation
+whose Pearson statistics, pooled over the block's features, sit more than 5 scaled MADs above
+the block's median perturbation: with 2–10 replicates a single group has little power to look
+over-dispersed, but a perturbation that disrupts variability does so across hundreds of
+features.
 
 ``"shrunk"`` moves each comparison's own moment estimate phi_c toward phi_f on the dispersion
 scale, phi = w phi_c + (1 - w) phi_f with w = tau^2 / (tau^2 + v_c): v_c = 2 (phi_f + a_c)^2 / df_c
@@ -44,6 +47,10 @@ DISPERSIONS = ("comparison", "feature", "shrunk")
 #: Groups whose Pearson statistic exceeds this chi-square quantile are left out of the pool.
 OUTLIER_LEVEL = 0.999
 OUTLIER_ROUNDS = 2
+#: Perturbations whose over-dispersion score across a block's features exceeds the block median
+#: by this many scaled MADs are left out of every feature's pool.
+WILD_MADS = 5.0
+MIN_FEATURES = 20
 _CHI2 = stats.chi2.ppf(OUTLIER_LEVEL, np.arange(1, 128))  # indexed by df - 1
 
 #: Rows of the per-block partial sums (axis 0 of ``feature_sums``).
@@ -81,15 +88,16 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
     n_t = trt.n  # [P_b, 1]
     df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
     limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=f64), xp.reshape(df_index, (-1,))), n_t.shape)
-    keep = (n_t >= 2) & (trt.rate_mean > 0)
+    valid = (n_t >= 2) & (trt.rate_mean > 0)
+    keep = valid
     for _ in range(OUTLIER_ROUNDS):
         est = _pooled(xp, xp.sum(xp.where(keep, num_t, 0.0), axis=0) + num_c,
                       xp.sum(xp.where(keep, den_t, 0.0), axis=0) + den_c)
         var = qbar / sf + est[None, :, None] * qbar * qbar
         pearson = xp.sum(xp.where(present[:, None, :], dev2 / xp.where(var > 0, var, 1.0), 0.0),
                          axis=-1)
-        keep = (n_t >= 2) & (trt.rate_mean > 0) & (pearson <= limit)
-    outliers = (n_t >= 2) & (trt.rate_mean > 0) & ~keep
+        keep = valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
+    outliers = valid & ~keep
 
     # Per-comparison moment dispersion (unfloored) and its sampling-variance pieces.
     phi_c, w_c = _group_phi(xp, ctrl)
@@ -113,6 +121,27 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
         xp.sum(xp.astype(comp, f64), axis=0),
     ]
     return xp.stack([xp.broadcast_to(r, rows[0].shape) for r in rows])
+
+
+def _wild_perturbations(xp, pearson, n_t, valid):
+    """Perturbations over-dispersed across the block's features: [P_b, 1] bool.
+
+    A perturbation's score is its Pearson statistic per degree of freedom summed over the
+    block's features; scores above median + WILD_MADS x (scaled MAD) of the block's scores are
+    flagged. Needs at least MIN_FEATURES valid groups per perturbation to say anything.
+    """
+    df = xp.maximum(n_t - 1.0, 1.0)
+    groups = xp.sum(xp.astype(valid, xp.float64), axis=1)
+    score = xp.sum(xp.where(valid, pearson, 0.0), axis=1) / (xp.where(groups > 0, groups, 1.0) * df[:, 0])
+    usable = groups >= MIN_FEATURES
+    ranked = xp.sort(xp.where(usable, score, xp.inf))
+    n = xp.sum(xp.astype(usable, xp.int64))
+    half = xp.astype(xp.maximum(n - 1, 0) // 2, xp.int64)
+    median = xp.take(ranked, xp.reshape(half, (1,)))[0]
+    spread = xp.sort(xp.where(usable, xp.abs(score - median), xp.inf))
+    mad = 1.4826 * xp.take(spread, xp.reshape(half, (1,)))[0]
+    wild = usable & (n >= 8) & (score > median + WILD_MADS * mad)
+    return wild[:, None]
 
 
 def _group_phi(xp, m):

@@ -209,8 +209,11 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     start = time.perf_counter()
     summary = _summary_reductions(results)
     try:
+        grid = {}
+        if lazy:  # per-feature variables share the (perturbation, feature) grid's shards
+            grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
         delayed = results.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
-                                  compute=False, encoding=_encoding(results, {}))
+                                  compute=False, encoding=_encoding(results, grid))
         if lazy:
             with compute_client(client=client) as active:
                 # One graph: optimising the collections separately would rename shared keys and
