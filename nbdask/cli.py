@@ -10,7 +10,7 @@ import time
 
 from .errors import NbdaskError
 
-FDR_CHOICES = ("bh", "none")
+FDR_CHOICES = ("bh", "storey", "none")
 
 
 def _storage_options(pairs: list[str] | None) -> dict:
@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     tst.add_argument("--tol", type=float, default=1e-6, help="irls: convergence tolerance")
     tst.add_argument("--fdr", default="bh", choices=FDR_CHOICES)
     tst.add_argument("--fdr-scope", default="global", choices=["global", "perturbation"])
+    tst.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"],
+                     help="exact BH on one worker (gather), across workers (buckets), or by memory")
     where = tst.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
     where.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://127.0.0.1:8786")
@@ -148,7 +150,8 @@ def _test(args) -> int:
         cube = open_cube(args.cube, chunks=chunks, storage_options=so)
         results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                        fdr_scope=args.fdr_scope, dispersion=args.dispersion,
-                       dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol)
+                       dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
+                       fdr_backend=args.fdr_backend)
         saved = save_results(results, args.results, overwrite=args.overwrite, storage_options=so,
                              client=client, progress=not args.no_progress)
     summary = summarize(saved)

@@ -1,27 +1,53 @@
 """False discovery rate adjustment: exact Benjamini–Hochberg with R's ``p.adjust`` semantics.
 
-q(p) = min over observed t >= p of (m / rank(t)) * t, capped at 1, where m counts the non-NaN
-p-values in scope; NaN p-values stay NaN and are not counted. Ties get equal q.
+q(p) = min over observed t >= p of (m / F(t)) * t, capped at 1, where F(t) counts the p-values
+<= t and m the non-NaN p-values in scope; NaN p-values stay NaN and are not counted. Ties get
+equal q. This is R's ``pmin(1, cummin((n / i) * p[o]))`` with the same operation order.
+
+Two exact paths for a dask array of p-values, bit-identical to each other:
+
+* ``"gather"``: the p-values of the scope go to one task on a worker and are sorted there.
+* ``"buckets"``: for more p-values than one worker holds. The raw IEEE-754 bits of a
+  non-negative float64, read as uint64, order like the values, so ``bits >> SHIFT`` cuts
+  [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
+  bin (and the Storey counts); the plan merges adjacent bins into buckets of at most
+  ``bucket_size`` values; each chunk splits its p-values by bucket; each bucket is sorted on its
+  own with ranks offset by the counts below it, its running minimum (from the top) is carried
+  across buckets through their minima, and the q-values are scattered back. Every task holds
+  one chunk or one bucket.
+
+``fdr="storey"`` multiplies BH q-values by Storey's pi0, estimated from the counts of p >= lambda
+on lambda = 0.05, 0.10, ..., 0.95 with the bootstrap-MSE choice of R's ``qvalue::pi0est``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
+import dask
 import numpy as np
 import xarray as xr
 
 from .errors import OptionError
 from .schema import FEATURE
 
-FDR_METHODS = ("bh", "none")
+logger = logging.getLogger("nbdask")
+
+FDR_METHODS = ("bh", "storey", "none")
 FDR_SCOPES = ("global", "perturbation")
+BACKENDS = ("auto", "gather", "buckets")
+#: Key bins: float64 bits >> SHIFT gives 2**(62 - SHIFT) bins over [0, 1], 256 per binade.
+SHIFT = 44
+N_KEYS = (0x3FF0000000000000 >> SHIFT) + 1
+#: Storey's lambda grid (R qvalue's default).
+LAMBDAS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+#: Bytes per p-value the gather path needs on its worker (p, order, sorted copies, q).
+GATHER_BYTES = 40
 
 
 def bh(p: np.ndarray, *, axis: int | None = None) -> np.ndarray:
-    """Benjamini–Hochberg q-values of a NumPy array, over all of it or along ``axis``.
-
-    Matches R's ``p.adjust(p, "BH")`` applied to the non-NaN values, with the same operation
-    order, ``(m / i) * p``.
-    """
+    """Benjamini–Hochberg q-values of a NumPy array, over all of it or along ``axis``."""
     p = np.asarray(p, dtype=np.float64)
     if axis is None:
         return bh(p.reshape(-1), axis=0).reshape(p.shape)
@@ -30,35 +56,235 @@ def bh(p: np.ndarray, *, axis: int | None = None) -> np.ndarray:
     p_sorted = np.take_along_axis(p, order, axis=-1)
     m = np.sum(~np.isnan(p), axis=-1, keepdims=True).astype(np.float64)
     rank = np.arange(1, p.shape[-1] + 1, dtype=np.float64)
-    q_sorted = (m / rank) * p_sorted
-    # Running minimum from the largest p down; fmin skips the trailing NaNs.
-    q_sorted = np.fmin.accumulate(q_sorted[..., ::-1], axis=-1)[..., ::-1]
-    q_sorted = np.minimum(q_sorted, 1.0)
+    q_sorted = _running_min((m / rank) * p_sorted)
     q = np.empty_like(q_sorted)
     np.put_along_axis(q, order, q_sorted, axis=-1)
     return np.moveaxis(q, -1, axis)
 
 
+def _running_min(h: np.ndarray) -> np.ndarray:
+    """min over the element and everything after it along the last axis (NaN skipped), <= 1."""
+    return np.minimum(np.fmin.accumulate(h[..., ::-1], axis=-1)[..., ::-1], 1.0)
+
+
+# ---------------------------------------------------------------- pass 1: counts
+
+def _keys(p: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(p, dtype=np.float64).view(np.uint64) >> np.uint64(SHIFT)
+
+
+def _chunk_counts(p: np.ndarray) -> np.ndarray:
+    """Counts per key bin (N_KEYS), then per lambda of p >= lambda, then the NaN count."""
+    p = p.reshape(-1)
+    ok = ~np.isnan(p)
+    vals = p[ok]
+    if vals.size and (vals.min() < 0 or vals.max() > 1):
+        raise ValueError("p_value: values outside [0, 1]; BH needs p-values")
+    bins = np.bincount(_keys(vals).astype(np.int64), minlength=N_KEYS)
+    storey = (vals[:, None] >= LAMBDAS[None, :]).sum(axis=0) if vals.size else np.zeros(len(LAMBDAS), int)
+    return np.concatenate([bins, storey, [p.size - vals.size]]).astype(np.int64)
+
+
+def counts(p) -> dict:
+    """One pass over a (dask) array of p-values: key-bin counts, Storey counts, m and NaNs."""
+    import dask.array as da
+
+    if isinstance(p, da.Array):
+        parts = [dask.delayed(_chunk_counts)(c) for c in p.to_delayed().ravel()]
+        total = dask.delayed(sum)(parts).compute()
+    else:
+        total = _chunk_counts(np.asarray(p))
+    bins, storey, nan = total[:N_KEYS], total[N_KEYS:-1], int(total[-1])
+    return {"bins": bins, "storey": storey, "m": int(bins.sum()), "n_nan": nan}
+
+
+def storey_pi0(storey_counts: np.ndarray, m: int) -> float:
+    """pi0 by R ``qvalue::pi0est(pi0.method = "bootstrap")`` from counts of p >= lambda."""
+    if m == 0:
+        return 1.0
+    w = np.asarray(storey_counts, dtype=np.float64)
+    pi0 = w / (m * (1.0 - LAMBDAS))
+    min_pi0 = np.quantile(pi0, 0.1)  # R's default type 7 quantile
+    mse = (w / (m ** 2 * (1.0 - LAMBDAS) ** 2)) * (1.0 - w / m) + (pi0 - min_pi0) ** 2
+    return float(min(pi0[mse == mse.min()].min(), 1.0))
+
+
+# ---------------------------------------------------------------- the bucket path
+
+def plan_buckets(bins: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge adjacent key bins into buckets of <= bucket_size values (a single larger bin stays
+    whole). Returns (edges, offsets): bucket b holds keys [edges[b], edges[b+1]) and
+    ``offsets[b]`` p-values lie in lower buckets."""
+    cum = np.concatenate([[0], np.cumsum(bins)])
+    edges = [0]
+    while edges[-1] < len(bins):
+        start = edges[-1]
+        # furthest end with at most bucket_size values, at least one bin
+        end = int(np.searchsorted(cum, cum[start] + bucket_size, side="right")) - 1
+        edges.append(max(end, start + 1))
+    edges = np.asarray(edges)
+    occupied = np.concatenate([[True], cum[edges[1:]] > cum[edges[:-1]]])
+    edges = edges[occupied | (np.arange(len(edges)) == len(edges) - 1)]
+    return edges, cum[edges[:-1]]
+
+
+def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
+    """A chunk's non-NaN p-values by bucket, in the chunk's (C) order."""
+    flat = p.reshape(-1)
+    keys = np.where(np.isnan(flat), -1, _keys(np.nan_to_num(flat)).astype(np.int64))
+    which = np.searchsorted(edges, keys, side="right") - 1
+    return [flat[(which == b) & (keys >= 0)] for b in range(len(edges) - 1)]
+
+
+def _piece(pieces, b):
+    return pieces[b]
+
+
+def _bucket_q(m: int, offset: int, *pieces):
+    """Sorted-bucket BH terms: (order, suffix minimum of (m / F) * t) for one bucket."""
+    vals = np.concatenate(pieces) if pieces else np.empty(0)
+    order = np.argsort(vals, kind="stable")
+    t = vals[order]
+    rank = offset + np.searchsorted(t, t, side="right").astype(np.float64)
+    return order, _running_min((m / rank) * t)
+
+
+def _bucket_min(m, offset, *pieces):
+    _, h = _bucket_q(m, offset, *pieces)
+    return float(h[0]) if h.size else math.inf
+
+
+def _bucket_result(m, offset, carry, *pieces):
+    order, h = _bucket_q(m, offset, *pieces)
+    q_sorted = np.minimum(h, carry)
+    q = np.empty_like(q_sorted)
+    q[order] = q_sorted
+    bounds = np.cumsum([len(x) for x in pieces])[:-1]
+    return np.split(q, bounds)
+
+
+def _carry(*mins):
+    return min(mins) if mins else math.inf
+
+
+def _assemble(p: np.ndarray, edges: np.ndarray, *q_pieces) -> np.ndarray:
+    flat = p.reshape(-1)
+    keys = np.where(np.isnan(flat), -1, _keys(np.nan_to_num(flat)).astype(np.int64))
+    which = np.searchsorted(edges, keys, side="right") - 1
+    q = np.full(flat.shape, np.nan)
+    for b, piece in enumerate(q_pieces):
+        q[(which == b) & (keys >= 0)] = piece
+    return q.reshape(p.shape)
+
+
+def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
+    """Exact BH of a dask array through key buckets; lazy dask array chunked like ``p``."""
+    import dask.array as da
+
+    stats = stats or counts(p)
+    m = stats["m"]
+    edges, offsets = plan_buckets(stats["bins"], bucket_size)
+    n_buckets = len(edges) - 1
+    logger.info("nbdask.fdr: %d p-values in %d buckets of <= %d", m, n_buckets, bucket_size)
+    chunks = p.to_delayed()
+    flat_chunks = chunks.ravel()
+    split = [dask.delayed(_split, nout=n_buckets)(c, edges) for c in flat_chunks]
+    pieces = [[split[c][b] for c in range(len(flat_chunks))] for b in range(n_buckets)]
+    mins = [dask.delayed(_bucket_min)(m, int(offsets[b]), *pieces[b]) for b in range(n_buckets)]
+    results = []
+    for b in range(n_buckets):
+        carry = dask.delayed(_carry)(*mins[b + 1:])
+        results.append(dask.delayed(_bucket_result, nout=len(flat_chunks))(m, int(offsets[b]), carry,
+                                                                           *pieces[b]))
+    blocks = []
+    for c, chunk in enumerate(flat_chunks):
+        qp = [results[b][c] for b in range(n_buckets)]
+        index = np.unravel_index(c, chunks.shape)
+        shape = tuple(p.chunks[d][index[d]] for d in range(p.ndim))
+        blocks.append(da.from_delayed(dask.delayed(_assemble)(chunk, edges, *qp), shape=shape,
+                                      dtype=np.float64))
+    grid = np.empty(chunks.shape, dtype=object)
+    for c, block in enumerate(blocks):
+        grid[np.unravel_index(c, chunks.shape)] = block
+    return da.block(grid.tolist())
+
+
+# ---------------------------------------------------------------- entry point
+
 def _bh_block(block: np.ndarray, axis: int | None) -> np.ndarray:
     return bh(block, axis=axis)
 
 
-def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global") -> xr.DataArray:
-    """FDR-adjust a (perturbation, feature) p-value array; lazy in, lazy out.
+def choose_backend(m: int, *, memory_limit: float | None) -> str:
+    """``"gather"`` while m p-values fit comfortably in one worker, else ``"buckets"``."""
+    if memory_limit is None or memory_limit <= 0:
+        return "gather"
+    return "gather" if m * GATHER_BYTES < 0.5 * memory_limit else "buckets"
 
-    With dask, the p-values of the scope are gathered into one task on a worker (the whole
-    array for ``"global"``, one row block for ``"perturbation"``), adjusted exactly, and split
-    back into the input's chunks.
+
+def worker_memory_limit() -> float | None:
+    """The smallest memory limit among the active client's workers (bytes), if any."""
+    from .cluster import active_client
+
+    client = active_client()
+    if client is None:
+        return None
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    return float(min(limits)) if limits and min(limits) > 0 else None
+
+
+def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
+           backend: str = "gather", bucket_size: int | None = None) -> xr.DataArray:
+    """FDR-adjust a (perturbation, feature) p-value array.
+
+    ``backend="gather"`` keeps a dask input lazy: one task gathers the scope's p-values (and
+    Storey's pi0 is a lazy reduction). ``"buckets"`` and ``"auto"`` first run the counting pass
+    (they compute, so use them on stored p-values), then return a lazy array; ``"auto"`` picks
+    gather or buckets from the smallest worker memory limit of the active client. The chosen
+    backend (and pi0 when known) are recorded in the result's attrs.
     """
     if method not in FDR_METHODS or method == "none":
         raise OptionError(f"fdr={method!r}: choose one of {[m for m in FDR_METHODS if m != 'none']}")
     if scope not in FDR_SCOPES:
         raise OptionError(f"fdr_scope={scope!r}: choose one of {list(FDR_SCOPES)}")
+    if backend not in BACKENDS:
+        raise OptionError(f"fdr_backend={backend!r}: choose one of {list(BACKENDS)}")
+    if method == "storey" and scope != "global":
+        raise OptionError("fdr='storey' needs fdr_scope='global' (pi0 is estimated over all tests)")
     axis = None if scope == "global" else p_value.dims.index(FEATURE)
     data = p_value.data
-    if p_value.chunks is None:
-        q = bh(data, axis=axis)
+    lazy = p_value.chunks is not None
+    attrs: dict = {}
+    stats = None
+    chosen = "gather"
+    if lazy and scope == "global" and backend != "gather":
+        stats = counts(data)
+        chosen = backend
+        if backend == "auto":
+            chosen = choose_backend(stats["m"], memory_limit=worker_memory_limit())
+    if chosen == "buckets":
+        size = bucket_size or max(1_000_000, int(0.25 * (worker_memory_limit() or 4e9) / GATHER_BYTES))
+        q = bh_buckets(data, bucket_size=size, stats=stats)
+    elif not lazy:
+        q = bh(np.asarray(data), axis=axis)
     else:
         gathered = data.rechunk(-1 if axis is None else {axis: -1})
         q = gathered.map_blocks(_bh_block, axis, dtype=np.float64).rechunk(data.chunks)
-    return p_value.copy(data=q).rename("q_value")
+    attrs["fdr_backend"] = chosen
+    if method == "storey":
+        if stats is not None or not lazy:
+            stats = stats or counts(data)
+            pi0 = storey_pi0(stats["storey"], stats["m"])
+            attrs["storey_pi0"] = pi0
+            q = q * pi0
+        else:
+            import dask.array as da
+
+            parts = [dask.delayed(_chunk_counts)(c) for c in data.to_delayed().ravel()]
+            pi0 = dask.delayed(_pi0_from_total)(dask.delayed(sum)(parts))
+            q = q * da.from_delayed(pi0, shape=(), dtype=np.float64)
+    return p_value.copy(data=q).rename("q_value").assign_attrs(attrs)
+
+
+def _pi0_from_total(total: np.ndarray) -> float:
+    return storey_pi0(total[N_KEYS:-1], int(total[:N_KEYS].sum()))

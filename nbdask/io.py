@@ -190,12 +190,16 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     """Compute ``results`` and write them as sharded Zarr v3, marking the store complete last.
 
     Computation runs on ``client``, else on the active ``distributed.Client``, else on a
-    ``LocalCluster`` started for the call. The store is written with
-    ``nbdask_status="incomplete"`` first and set to ``"complete"`` only after every array and the
-    summary attributes are written; a failed run leaves it ``"failed"`` (or ``"incomplete"`` if the
-    process died). Returns the results reopened from the store.
+    ``LocalCluster`` started for the call. Lazy results are written in two passes: every
+    variable but ``q_value`` (kernels run once, blockwise), then the FDR step reads the stored
+    p-values back and writes ``q_value`` (exact BH on one worker, or bucketed across workers when
+    the p-values outgrow one: ``fdr_backend`` in the results attrs, "auto" by default). The
+    store is written with ``nbdask_status="incomplete"`` first and set to ``"complete"`` only
+    after every array and the summary attributes are written; a failed run leaves it
+    ``"failed"`` (or ``"incomplete"`` if the process died). Returns the results reopened.
     """
-    from .cluster import compute_client, show_progress
+    from .cluster import compute_client
+    from .fdr import adjust
 
     if not overwrite and _exists(url, storage_options):
         raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to replace it")
@@ -207,30 +211,35 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     store = make_store(url, storage_options=storage_options)
     lazy = results["p_value"].chunks is not None
     start = time.perf_counter()
-    summary = _summary_reductions(results)
+    fdr = results.attrs.get("fdr", "none")
+    final: dict = {}
     try:
-        grid = {}
-        if lazy:  # per-feature variables share the (perturbation, feature) grid's shards
-            grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
-        delayed = results.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
-                                  compute=False, encoding=_encoding(results, grid))
-        if lazy:
-            with compute_client(client=client) as active:
-                # One graph: optimising the collections separately would rename shared keys and
-                # run the kernels twice.
-                futures = active.compute([delayed, *summary.values()], optimize_graph=False)
-                if progress:
-                    show_progress(futures)
-                counts = dict(zip(summary, active.gather(futures)[1:]))
+        if not lazy:
+            counts = {k: int(v) for k, v in _summary_reductions(results).items()}
+            results.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
+                            encoding=_encoding(results, {}))
         else:
-            delayed.compute(scheduler="synchronous")
-            counts = summary
+            grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
+            first = results.drop_vars("q_value", errors="ignore")
+            with compute_client(client=client) as active:
+                counts = _write(active, first, store, "w", grid, progress)
+                if fdr != "none":
+                    stored = xr.open_zarr(make_store(url, storage_options=storage_options,
+                                                     read_only=True),
+                                          consolidated=False, zarr_format=3, chunks=grid)
+                    q = adjust(stored["p_value"], method=fdr,
+                               scope=results.attrs.get("fdr_scope", "global"),
+                               backend=results.attrs.get("fdr_backend", "auto"))
+                    final.update(q.attrs)
+                    q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
+                        results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
+                    counts.update(_write(active, q_ds, store, "a", grid, progress))
     except BaseException as err:
         _mark_failed(url, storage_options, err)
         raise
     group = _open_group(url, storage_options, "r+")
-    final = {k: v for k, v in results.attrs.items() if k.startswith("n_")}
-    final.update({k: int(v) for k, v in counts.items()})
+    final.update({k: v for k, v in results.attrs.items() if k.startswith("n_")})
+    final.update(counts)
     final["wall_seconds"] = round(time.perf_counter() - start, 3)
     group.attrs.update(final)
     group.attrs[STATUS_ATTR] = "complete"  # last: readers trust nothing before this
@@ -238,17 +247,31 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     return open_results(url, storage_options=storage_options)
 
 
+def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool) -> dict:
+    """Write ``ds`` and compute its summary counts in one graph on ``client``."""
+    from .cluster import show_progress
+
+    delayed = ds.to_zarr(store, mode=mode, zarr_format=3, consolidated=False, compute=False,
+                         encoding=_encoding(ds, grid))
+    summary = _summary_reductions(ds)
+    # One graph: optimising the collections separately would rename shared keys and run the
+    # kernels twice.
+    futures = client.compute([delayed, *summary.values()], optimize_graph=False)
+    if progress:
+        show_progress(futures)
+    return {k: int(v) for k, v in zip(summary, client.gather(futures)[1:])}
+
+
 def _summary_reductions(results: xr.Dataset) -> dict:
-    """Counts for the summary, computed in the same pass as the write."""
-    p = results["p_value"].data
-    q = results["q_value"].data if "q_value" in results else None
-    nan_free = p == p
-    out = {"n_tests": nan_free.sum()}
-    if q is not None:
+    """Counts for the summary (lazy when the data are): tests, and significant q-values."""
+    out = {}
+    if "p_value" in results:
+        p = results["p_value"].data
+        out["n_tests"] = (p == p).sum()
+    if "q_value" in results:
+        q = results["q_value"].data
         out["n_significant_q05"] = (q < 0.05).sum()
         out["n_significant_q10"] = (q < 0.1).sum()
-    if results["p_value"].chunks is None:
-        return {k: int(v) for k, v in out.items()}
     return out
 
 

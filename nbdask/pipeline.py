@@ -11,6 +11,7 @@ import xarray as xr
 from . import __version__
 from .dispersion import DISPERSIONS, feature_dispersion
 from .errors import OptionError
+from .fdr import BACKENDS as FDR_BACKENDS
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
@@ -47,7 +48,7 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
          fdr_scope: str = "global", dispersion: str = "comparison", dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
-         check_counts: bool = True) -> xr.Dataset:
+         fdr_backend: str = "auto", check_counts: bool = True) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -60,9 +61,13 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         of the NB2 GLM, batched; adds ``converged`` and ``iterations``).
     test
         ``"wald"``, or ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
-    fdr, fdr_scope
-        ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics) or ``"none"``; over all
-        comparisons (``"global"``) or within each perturbation (``"perturbation"``).
+    fdr, fdr_scope, fdr_backend
+        ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics), ``"storey"`` (pi0 x BH,
+        global scope) or ``"none"``; over all comparisons (``"global"``) or within each
+        perturbation (``"perturbation"``). ``save_results`` runs the FDR step on the stored
+        p-values with ``fdr_backend``: ``"auto"`` (gather onto one worker while they fit, else
+        exact bucketed BH across workers), ``"gather"`` or ``"buckets"``; the lazy ``q_value`` of
+        the returned Dataset always gathers.
     dispersion
         Whose samples inform the dispersion: ``"comparison"`` (this comparison's only, the
         paper's), ``"feature"`` (one robust pooled value per feature from every perturbation and
@@ -90,6 +95,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     _check_option("test", test, spec.tests)
     _check_option("dispersion_fit", dispersion_fit, DISPERSION_FITS)
     _check_option("engine", engine, ENGINES)
+    _check_option("fdr_backend", fdr_backend, FDR_BACKENDS)
     if not 1 <= int(max_iter) <= 127 or not tol > 0:
         raise OptionError(f"max_iter={max_iter}, tol={tol}: need 1 <= max_iter <= 127 and tol > 0")
     given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol)}
@@ -136,10 +142,10 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         for name in pooled.data_vars:
             results[name] = pooled[name].assign_attrs(OUTPUTS[name].attrs())
     if fdr != "none":
-        q = adjust(results["p_value"], method=fdr, scope=fdr_scope)
+        q = adjust(results["p_value"], method=fdr, scope=fdr_scope, backend="gather")
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())
     options = {"method": method, "test": test, "fdr": fdr, "fdr_scope": fdr_scope,
-               "dispersion": dispersion, **kernel_options}
+               "fdr_backend": fdr_backend, "dispersion": dispersion, **kernel_options}
     results.attrs.update(options)
     results.attrs.update({
         "options": json.dumps(options, sort_keys=True),
@@ -149,6 +155,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     })
     if results["p_value"].chunks is None:
         results.attrs["n_tests"] = int(np.isfinite(results["p_value"].values).sum())
+        results.attrs.update(results["q_value"].attrs if "q_value" in results else {})
     logger.info("nbdask.test: %s comparisons, method=%s, fdr=%s/%s", results.attrs["n_comparisons"],
                 method, fdr, fdr_scope)
     return results

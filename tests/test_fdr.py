@@ -8,6 +8,7 @@ import pytest
 import xarray as xr
 from scipy.stats import false_discovery_control
 
+import nbdask
 from nbdask import fdr
 from conftest import SHARED
 
@@ -77,3 +78,69 @@ def test_dask_on_cluster_matches_scipy(client, chunks, scope):
         expected = np.stack([scipy_bh(row) for row in p])
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert np.array_equal(np.isnan(got), np.isnan(p))
+
+
+@pytest.mark.parametrize("bucket_size", [500, 3000, 10**6])
+def test_bucketed_bh_is_bit_identical_to_gather(client, bucket_size):
+    p = hard_p_values((120, 97), seed=4)
+    arr = xr.DataArray(da.from_array(p, chunks=(32, 40)), dims=("perturbation", "feature"))
+    gathered = fdr.adjust(arr, backend="gather").compute().values
+    bucketed = fdr.adjust(arr, backend="buckets", bucket_size=bucket_size)
+    assert bucketed.attrs["fdr_backend"] == "buckets"
+    got = bucketed.compute().values
+    assert np.array_equal(got, gathered, equal_nan=True)
+    np.testing.assert_allclose(got, scipy_bh(p.reshape(-1)).reshape(p.shape), rtol=1e-12)
+
+
+def test_auto_uses_buckets_when_p_values_outgrow_a_worker(tmp_path):
+    """Workers limited to 400 MiB: 6.25 million p-values need 250 MB on one worker to gather
+    (40 B each, over half the limit), so "auto" must take the distributed path."""
+    import logging
+
+    import zarr
+    from distributed import Client, LocalCluster
+
+    p = hard_p_values((2500, 2500), seed=9)
+    path = str(tmp_path / "p.zarr")
+    zarr.create_array(path, shape=p.shape, chunks=(500, 500), dtype="f8")[:] = p
+    expected = scipy_bh(p.reshape(-1)).reshape(p.shape)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      memory_limit="400MiB", dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster, Client(cluster):
+        stored = xr.DataArray(da.from_zarr(path), dims=("perturbation", "feature"))
+        q = fdr.adjust(stored, backend="auto")
+        assert q.attrs["fdr_backend"] == "buckets"
+        got = q.compute().values
+    assert np.array_equal(np.isnan(got), np.isnan(p))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def reference_storey_pi0(p):
+    """R qvalue::pi0est(pi0.method = "bootstrap"), written out with plain loops."""
+    p = p[~np.isnan(p)]
+    m = len(p)
+    lambdas = [round(0.05 * k, 2) for k in range(1, 20)]
+    pi0 = [np.sum(p >= lam) / (m * (1 - lam)) for lam in lambdas]
+    ordered = sorted(pi0)
+    h = (len(ordered) - 1) * 0.1  # type-7 quantile at 0.1
+    min_pi0 = ordered[int(np.floor(h))] + (h - np.floor(h)) * (ordered[int(np.ceil(h))] - ordered[int(np.floor(h))])
+    mse = [np.sum(p >= lam) / (m ** 2 * (1 - lam) ** 2) * (1 - np.sum(p >= lam) / m) + (v - min_pi0) ** 2
+           for lam, v in zip(lambdas, pi0)]
+    best = min(mse)
+    return min(min(v for v, e in zip(pi0, mse) if e == best), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["gather", "buckets"])
+def test_storey_q_values(client, backend):
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.uniform(size=8000), rng.beta(0.2, 8, size=2000)])
+    p[rng.choice(p.size, 50, replace=False)] = np.nan
+    p = rng.permutation(p).reshape(100, 100)
+    pi0 = reference_storey_pi0(p.reshape(-1))
+    assert 0.7 < pi0 < 0.95
+    arr = xr.DataArray(da.from_array(p, chunks=(25, 50)), dims=("perturbation", "feature"))
+    q = fdr.adjust(arr, method="storey", backend=backend, bucket_size=2000)
+    np.testing.assert_allclose(q.compute().values, pi0 * scipy_bh(p.reshape(-1)).reshape(p.shape), rtol=1e-12)
+    assert fdr.storey_pi0(fdr.counts(p)["storey"], int(np.sum(~np.isnan(p)))) == pytest.approx(pi0, rel=1e-14)
+    with pytest.raises(nbdask.OptionError, match="storey"):
+        fdr.adjust(arr, method="storey", scope="perturbation")
