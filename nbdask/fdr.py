@@ -12,9 +12,10 @@ Two exact paths for a dask array of p-values, bit-identical to each other:
   [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
   bin (and the Storey counts); the plan merges adjacent bins into buckets of at most
   ``bucket_size`` values; each chunk splits its p-values by bucket; each bucket is sorted on its
-  own with ranks offset by the counts below it, its running minimum (from the top) is carried
-  across buckets through their minima, and the q-values are scattered back. Every task holds
-  one chunk or one bucket.
+  own with ranks offset by the counts below it (phase 1), then min(q, carry) with the carry the
+  minimum over higher buckets (phase 2, exact because a running minimum started at the carry
+  equals the minimum of the uncarried one and the carry), and the q-values are scattered back.
+  Every task holds one chunk or one bucket.
 
 ``fdr="storey"`` multiplies BH q-values by Storey's pi0, estimated from the counts of p >= lambda
 on lambda = 0.05, 0.10, ..., 0.95 with the bootstrap-MSE choice of R's ``qvalue::pi0est``.
@@ -47,12 +48,26 @@ GATHER_BYTES = 40
 
 
 def bh(p: np.ndarray, *, axis: int | None = None) -> np.ndarray:
-    """Benjamini–Hochberg q-values of a NumPy array, over all of it or along ``axis``."""
+    """Benjamini–Hochberg q-values of a NumPy array, over all of it or along ``axis``.
+
+    The whole-array case runs the numba core (``fdr_fused``, 2-3x faster, bit-identical) when
+    numba is installed; ``bh_sorted`` is the plain NumPy definition.
+    """
     p = np.asarray(p, dtype=np.float64)
     if axis is None:
-        return bh(p.reshape(-1), axis=0).reshape(p.shape)
+        try:
+            from . import fdr_fused
+        except ImportError:
+            return bh_sorted(p.reshape(-1), axis=0).reshape(p.shape)
+        return fdr_fused.bh(p)
+    return bh_sorted(p, axis=axis)
+
+
+def bh_sorted(p: np.ndarray, *, axis: int = -1) -> np.ndarray:
+    """BH along ``axis`` by a full sort: R's ``pmin(1, cummin((n / i) * p[o]))``."""
+    p = np.asarray(p, dtype=np.float64)
     p = np.moveaxis(p, axis, -1)
-    order = np.argsort(p, axis=-1, kind="stable")  # NaN sorts last
+    order = np.argsort(p, axis=-1)  # NaN sorts last; the order among ties does not change q
     p_sorted = np.take_along_axis(p, order, axis=-1)
     m = np.sum(~np.isnan(p), axis=-1, keepdims=True).astype(np.float64)
     rank = np.arange(1, p.shape[-1] + 1, dtype=np.float64)
@@ -81,7 +96,8 @@ def _chunk_counts(p: np.ndarray) -> np.ndarray:
     if vals.size and (vals.min() < 0 or vals.max() > 1):
         raise ValueError("p_value: values outside [0, 1]; BH needs p-values")
     bins = np.bincount(_keys(vals).astype(np.int64), minlength=N_KEYS)
-    storey = (vals[:, None] >= LAMBDAS[None, :]).sum(axis=0) if vals.size else np.zeros(len(LAMBDAS), int)
+    below = np.bincount(np.searchsorted(LAMBDAS, vals, side="right"), minlength=len(LAMBDAS) + 1)
+    storey = vals.size - np.cumsum(below)[:-1]  # count of p >= lambda_j
     return np.concatenate([bins, storey, [p.size - vals.size]]).astype(np.int64)
 
 
@@ -128,39 +144,55 @@ def plan_buckets(bins: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.nda
     return edges, cum[edges[:-1]]
 
 
-def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
-    """A chunk's non-NaN p-values by bucket, in the chunk's (C) order."""
+def _bucket_order(p: np.ndarray, edges: np.ndarray):
+    """Stable order of a chunk's elements by bucket (NaN last) and the bucket sizes."""
     flat = p.reshape(-1)
-    keys = np.where(np.isnan(flat), -1, _keys(np.nan_to_num(flat)).astype(np.int64))
-    which = np.searchsorted(edges, keys, side="right") - 1
-    return [flat[(which == b) & (keys >= 0)] for b in range(len(edges) - 1)]
+    nan = np.isnan(flat)
+    which = np.searchsorted(edges, _keys(np.where(nan, 0.0, flat)).astype(np.int64), side="right") - 1
+    n_buckets = len(edges) - 1
+    which = np.where(nan, n_buckets, which).astype(np.int16 if n_buckets < 2**15 else np.int32)
+    order = np.argsort(which, kind="stable")  # radix sort on small integers
+    sizes = np.bincount(which, minlength=n_buckets + 1)[:n_buckets]
+    return flat, order, sizes
+
+
+def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
+    """A chunk's non-NaN p-values by bucket, each in the chunk's (C) order."""
+    flat, order, sizes = _bucket_order(p, edges)
+    grouped = flat[order[:sizes.sum()]]
+    return np.split(grouped, np.cumsum(sizes)[:-1])
 
 
 def _piece(pieces, b):
     return pieces[b]
 
 
-def _bucket_q(m: int, offset: int, *pieces):
-    """Sorted-bucket BH terms: (order, suffix minimum of (m / F) * t) for one bucket."""
+def _bucket_q(m: int, offset: int, carry: float, pieces):
+    """One bucket's q-values (input order) and the minimum of its (m / F) * t terms."""
     vals = np.concatenate(pieces) if pieces else np.empty(0)
-    order = np.argsort(vals, kind="stable")
-    t = vals[order]
-    rank = offset + np.searchsorted(t, t, side="right").astype(np.float64)
-    return order, _running_min((m / rank) * t)
+    try:
+        from .fdr_fused import bh_block
+    except ImportError:
+        order = np.argsort(vals)
+        t = vals[order]
+        rank = offset + np.searchsorted(t, t, side="right").astype(np.float64)
+        h = _running_min((float(m) / rank) * t)
+        q = np.empty_like(h)
+        q[order] = np.minimum(h, carry)
+        return q, float(h[0]) if h.size else math.inf
+    return bh_block(vals, float(m), int(offset), float(carry))
 
 
-def _bucket_min(m, offset, *pieces):
-    _, h = _bucket_q(m, offset, *pieces)
-    return float(h[0]) if h.size else math.inf
+def _bucket_phase1(m, offset, *pieces):
+    """q-values of one bucket before the carry from higher buckets, and its minimum term."""
+    q, low = _bucket_q(m, offset, math.inf, pieces)
+    return (q, np.cumsum([len(x) for x in pieces])[:-1]), float(low)
 
 
-def _bucket_result(m, offset, carry, *pieces):
-    order, h = _bucket_q(m, offset, *pieces)
-    q_sorted = np.minimum(h, carry)
-    q = np.empty_like(q_sorted)
-    q[order] = q_sorted
-    bounds = np.cumsum([len(x) for x in pieces])[:-1]
-    return np.split(q, bounds)
+def _bucket_phase2(phase1, carry):
+    """min(q, carry) restores the running minimum across buckets; split back per chunk."""
+    q, bounds = phase1
+    return np.split(np.minimum(q, carry), bounds)
 
 
 def _carry(*mins):
@@ -168,12 +200,9 @@ def _carry(*mins):
 
 
 def _assemble(p: np.ndarray, edges: np.ndarray, *q_pieces) -> np.ndarray:
-    flat = p.reshape(-1)
-    keys = np.where(np.isnan(flat), -1, _keys(np.nan_to_num(flat)).astype(np.int64))
-    which = np.searchsorted(edges, keys, side="right") - 1
+    flat, order, sizes = _bucket_order(p, edges)
     q = np.full(flat.shape, np.nan)
-    for b, piece in enumerate(q_pieces):
-        q[(which == b) & (keys >= 0)] = piece
+    q[order[:sizes.sum()]] = np.concatenate(q_pieces) if q_pieces else np.empty(0)
     return q.reshape(p.shape)
 
 
@@ -190,12 +219,13 @@ def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
     flat_chunks = chunks.ravel()
     split = [dask.delayed(_split, nout=n_buckets)(c, edges) for c in flat_chunks]
     pieces = [[split[c][b] for c in range(len(flat_chunks))] for b in range(n_buckets)]
-    mins = [dask.delayed(_bucket_min)(m, int(offsets[b]), *pieces[b]) for b in range(n_buckets)]
+    phase1 = [dask.delayed(_bucket_phase1, nout=2)(m, int(offsets[b]), *pieces[b])
+              for b in range(n_buckets)]
+    mins = [low for _, low in phase1]
     results = []
     for b in range(n_buckets):
         carry = dask.delayed(_carry)(*mins[b + 1:])
-        results.append(dask.delayed(_bucket_result, nout=len(flat_chunks))(m, int(offsets[b]), carry,
-                                                                           *pieces[b]))
+        results.append(dask.delayed(_bucket_phase2, nout=len(flat_chunks))(phase1[b][0], carry))
     blocks = []
     for c, chunk in enumerate(flat_chunks):
         qp = [results[b][c] for b in range(n_buckets)]
@@ -234,14 +264,16 @@ def worker_memory_limit() -> float | None:
 
 
 def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
-           backend: str = "gather", bucket_size: int | None = None) -> xr.DataArray:
+           backend: str = "gather", bucket_size: int | None = None,
+           n_tests: int | None = None) -> xr.DataArray:
     """FDR-adjust a (perturbation, feature) p-value array.
 
     ``backend="gather"`` keeps a dask input lazy: one task gathers the scope's p-values (and
     Storey's pi0 is a lazy reduction). ``"buckets"`` and ``"auto"`` first run the counting pass
     (they compute, so use them on stored p-values), then return a lazy array; ``"auto"`` picks
-    gather or buckets from the smallest worker memory limit of the active client. The chosen
-    backend (and pi0 when known) are recorded in the result's attrs.
+    gather or buckets from the smallest worker memory limit of the active client (given
+    ``n_tests``, the number of non-NaN p-values, it skips the counting pass when gathering). The
+    chosen backend (and pi0 when known) are recorded in the result's attrs.
     """
     if method not in FDR_METHODS or method == "none":
         raise OptionError(f"fdr={method!r}: choose one of {[m for m in FDR_METHODS if m != 'none']}")
@@ -258,10 +290,14 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
     stats = None
     chosen = "gather"
     if lazy and scope == "global" and backend != "gather":
-        stats = counts(data)
         chosen = backend
         if backend == "auto":
-            chosen = choose_backend(stats["m"], memory_limit=worker_memory_limit())
+            if n_tests is None:
+                stats = counts(data)
+                n_tests = stats["m"]
+            chosen = choose_backend(n_tests, memory_limit=worker_memory_limit())
+        if chosen == "buckets" or method == "storey":
+            stats = stats or counts(data)
     if chosen == "buckets":
         size = bucket_size or max(1_000_000, int(0.25 * (worker_memory_limit() or 4e9) / GATHER_BYTES))
         q = bh_buckets(data, bucket_size=size, stats=stats)

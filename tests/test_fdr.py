@@ -144,3 +144,9 @@ def test_storey_q_values(client, backend):
     assert fdr.storey_pi0(fdr.counts(p)["storey"], int(np.sum(~np.isnan(p)))) == pytest.approx(pi0, rel=1e-14)
     with pytest.raises(nbdask.OptionError, match="storey"):
         fdr.adjust(arr, method="storey", scope="perturbation")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numba_core_is_bit_identical_to_the_sort_definition(seed):
+    p = hard_p_values((211, 173), seed=seed)
+    assert np.array_equal(fdr.bh(p), fdr.bh_sorted(p.reshape(-1), axis=0).reshape(p.shape), equal_nan=True)

@@ -1,0 +1,131 @@
+"""Screen scale: a P x G cube from Zarr to FDR-corrected results Zarr, against the I/O bound.
+
+Simulates the cube once (cached under benchmarks/.cache), then prints: cube size on disk, the
+raw read+decompress time of the counts, the raw compress+write time of result arrays of the
+same shapes and dtypes as nbdask's outputs, the pipeline's wall time with its breakdown
+(estimates pass = read + kernel + write; FDR pass = read p, exact BH, write q), comparisons per
+second, peak worker memory, and the ratio pipeline / (raw read + raw write).
+
+    python benchmarks/screen_scale.py --perturbations 20000 --features 20000 --workers 2 \\
+        --memory-limit 8GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import dask.array as da
+import numpy as np
+import zarr
+
+import nbdask
+from nbdask.cluster import local_cluster
+from nbdask.io import RESULTS_CODEC, _inner
+from nbdask.schema import OUTPUTS
+
+from _common import CACHE, machine
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def raw_write(path: str, shape, shard: int, names) -> float:
+    """Compress and write random arrays shaped like the outputs (same codec and shards)."""
+    from zarr.codecs import BloscCodec
+
+    start = time.perf_counter()
+    arrays = []
+    for name in names:
+        dtype = np.dtype(OUTPUTS[name].dtype)
+        src = da.random.default_rng(0).random(shape, chunks=(shard, shard)).astype(dtype)
+        target = zarr.create_array(f"{path}/{name}", shape=shape, dtype=dtype,
+                                   chunks=(_inner(shard), _inner(shard)), shards=(shard, shard),
+                                   compressors=[BloscCodec(shuffle="shuffle", **RESULTS_CODEC)])
+        arrays.append(da.store(src, target, lock=False, compute=False))
+    da.compute(*arrays)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--perturbations", type=int, default=5000)
+    ap.add_argument("--features", type=int, default=5000)
+    ap.add_argument("--replicates", type=int, default=4)
+    ap.add_argument("--control-replicates", type=int, default=8)
+    ap.add_argument("--shards", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-limit", default="8GiB")
+    ap.add_argument("--method", default="mom")
+    ap.add_argument("--dispersion", default="comparison")
+    ap.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"])
+    args = ap.parse_args()
+    from distributed import Client
+    from distributed.diagnostics import MemorySampler
+
+    n = args.perturbations * args.features
+    cube_path = CACHE / (f"screen_{args.perturbations}x{args.features}x{args.replicates}"
+                         f"v{args.control_replicates}_s{args.shards}.zarr")
+    out = tempfile.mkdtemp(prefix="nbdask-scale-", dir=CACHE.parent if CACHE.parent.exists() else None)
+    t: dict[str, float] = {}
+    try:
+        with local_cluster(workers=args.workers, memory_limit=args.memory_limit) as cluster, \
+                Client(cluster) as client:
+            if not (cube_path / "zarr.json").exists():
+                start = time.perf_counter()
+                CACHE.mkdir(parents=True, exist_ok=True)
+                cube = nbdask.simulate(perturbations=args.perturbations, features=args.features,
+                                       replicates=args.replicates,
+                                       control_replicates=args.control_replicates, seed=1,
+                                       chunks=args.shards)
+                nbdask.save_cube(cube, str(cube_path), overwrite=True)
+                print(f"simulated in {time.perf_counter() - start:.1f} s")
+            counts = da.from_zarr(zarr.open_array(str(cube_path / "counts"), mode="r"))
+            start = time.perf_counter()
+            counts.sum().compute()
+            t["raw_read"] = time.perf_counter() - start
+            names = [v for v in OUTPUTS if OUTPUTS[v].dims == ("perturbation", "feature")
+                     and v not in ("converged", "iterations")]
+            if args.method == "irls":
+                names += ["converged", "iterations"]
+            t["raw_write"] = raw_write(f"{out}/raw.zarr", (args.perturbations, args.features),
+                                       args.shards, names)
+            shutil.rmtree(f"{out}/raw.zarr", ignore_errors=True)
+            sampler = MemorySampler()
+            with sampler.sample("pipeline", measure="process"):
+                start = time.perf_counter()
+                res = nbdask.test(nbdask.open_cube(str(cube_path)), method=args.method,
+                                  dispersion=args.dispersion, fdr_backend=args.fdr_backend)
+                saved = nbdask.save_results(res, f"{out}/results.zarr", client=client)
+                t["pipeline"] = time.perf_counter() - start
+            peak = max(v for _, v in sampler.samples["pipeline"])
+            limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+        attrs = saved.attrs
+        est = attrs.get("wall_seconds_estimates", float("nan"))
+        print(f"nbdask screen-scale benchmark ({machine()}, {args.workers} workers x "
+              f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion})")
+        print(f"cube {args.perturbations} x {args.features} = {n:,} comparisons, "
+              f"{args.replicates} vs {args.control_replicates} replicates, shards {args.shards}; "
+              f"{du(str(cube_path)) / 1e9:.2f} GB on disk")
+        print(f"raw read + decompress of counts      {t['raw_read']:8.1f} s")
+        print(f"raw compress + write of {len(names)} outputs    {t['raw_write']:8.1f} s")
+        print(f"pipeline wall time                   {t['pipeline']:8.1f} s")
+        print(f"  setup (open, validate, graph)      {t['pipeline'] - attrs['wall_seconds']:8.1f} s")
+        print(f"  estimates pass (read+kernel+write) {est:8.1f} s")
+        print(f"  FDR pass ({attrs.get('fdr_backend', '?')}: read p, BH, write q) "
+              f"{attrs['wall_seconds'] - est:6.1f} s")
+        print(f"comparisons per second               {n / t['pipeline']:14,.0f}")
+        print(f"peak cluster process memory          {peak / 2**30:8.2f} GiB (limit {sum(limits) / 2**30:.0f} GiB)")
+        print(f"results on disk                      {du(out + '/results.zarr') / 1e9:8.2f} GB")
+        print(f"ratio pipeline / (raw read + raw write) {t['pipeline'] / (t['raw_read'] + t['raw_write']):6.2f}x")
+        print(f"tests {attrs['n_tests']:,}, q < 0.05: {attrs['n_significant_q05']:,}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
