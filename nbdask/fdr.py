@@ -101,15 +101,24 @@ def _chunk_counts(p: np.ndarray) -> np.ndarray:
     return np.concatenate([bins, storey, [p.size - vals.size]]).astype(np.int64)
 
 
+def counts_graph(p):
+    """The counting pass as a lazy dask array (to share a graph with the p-values' producer)."""
+    import dask.array as da
+
+    parts = [da.from_delayed(dask.delayed(_chunk_counts)(c), shape=(N_KEYS + len(LAMBDAS) + 1,),
+                             dtype=np.int64) for c in p.to_delayed().ravel()]
+    return da.stack(parts).sum(axis=0)
+
+
 def counts(p) -> dict:
     """One pass over a (dask) array of p-values: key-bin counts, Storey counts, m and NaNs."""
     import dask.array as da
 
-    if isinstance(p, da.Array):
-        parts = [dask.delayed(_chunk_counts)(c) for c in p.to_delayed().ravel()]
-        total = dask.delayed(sum)(parts).compute()
-    else:
-        total = _chunk_counts(np.asarray(p))
+    total = counts_graph(p).compute() if isinstance(p, da.Array) else _chunk_counts(np.asarray(p))
+    return _stats(total)
+
+
+def _stats(total: np.ndarray) -> dict:
     bins, storey, nan = total[:N_KEYS], total[N_KEYS:-1], int(total[-1])
     return {"bins": bins, "storey": storey, "m": int(bins.sum()), "n_nan": nan}
 
@@ -265,7 +274,7 @@ def worker_memory_limit() -> float | None:
 
 def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
            backend: str = "gather", bucket_size: int | None = None,
-           n_tests: int | None = None) -> xr.DataArray:
+           n_tests: int | None = None, stats: np.ndarray | None = None) -> xr.DataArray:
     """FDR-adjust a (perturbation, feature) p-value array.
 
     ``backend="gather"`` keeps a dask input lazy: one task gathers the scope's p-values (and
@@ -273,7 +282,8 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
     (they compute, so use them on stored p-values), then return a lazy array; ``"auto"`` picks
     gather or buckets from the smallest worker memory limit of the active client (given
     ``n_tests``, the number of non-NaN p-values, it skips the counting pass when gathering). The
-    chosen backend (and pi0 when known) are recorded in the result's attrs.
+    chosen backend (and pi0 when known) are recorded in the result's attrs. ``stats``: the
+    counting pass's totals when already computed (``counts_graph``).
     """
     if method not in FDR_METHODS or method == "none":
         raise OptionError(f"fdr={method!r}: choose one of {[m for m in FDR_METHODS if m != 'none']}")
@@ -287,7 +297,7 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
     data = p_value.data
     lazy = p_value.chunks is not None
     attrs: dict = {}
-    stats = None
+    stats = _stats(stats) if stats is not None else None
     chosen = "gather"
     if lazy and scope == "global" and backend != "gather":
         chosen = backend

@@ -228,7 +228,9 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
             grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
             first = results.drop_vars("q_value", errors="ignore")
             with compute_client(client=client) as active:
-                counts = _write(active, first, store, "w", grid, progress)
+                counts = _write(active, first, store, "w", grid, progress,
+                                fdr_counts=fdr != "none" and results.attrs.get("fdr_scope") == "global")
+                stats = counts.pop("fdr_counts", None)
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
                 if fdr != "none":
                     stored = xr.open_zarr(make_store(url, storage_options=storage_options,
@@ -237,7 +239,7 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                     q = adjust(stored["p_value"], method=fdr,
                                scope=results.attrs.get("fdr_scope", "global"),
                                backend=results.attrs.get("fdr_backend", "auto"),
-                               n_tests=counts["n_tests"])
+                               n_tests=counts["n_tests"], stats=stats)
                     final.update(q.attrs)
                     q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
                         results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
@@ -255,19 +257,25 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     return open_results(url, storage_options=storage_options)
 
 
-def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool) -> dict:
-    """Write ``ds`` and compute its summary counts in one graph on ``client``."""
+def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool,
+           fdr_counts: bool = False) -> dict:
+    """Write ``ds`` and compute its summary counts in one graph on ``client``; with
+    ``fdr_counts`` also the FDR step's counting pass over the p-values (``fdr.counts``)."""
     from .cluster import show_progress
+    from .fdr import counts_graph
 
     delayed = ds.to_zarr(store, mode=mode, zarr_format=3, consolidated=False, compute=False,
                          encoding=_encoding(ds, grid))
     summary = _summary_reductions(ds)
+    if fdr_counts:
+        summary["fdr_counts"] = counts_graph(ds["p_value"].data)
     # One graph: optimising the collections separately would rename shared keys and run the
     # kernels twice.
     futures = client.compute([delayed, *summary.values()], optimize_graph=False)
     if progress:
         show_progress(futures)
-    return {k: int(v) for k, v in zip(summary, client.gather(futures)[1:])}
+    values = dict(zip(summary, client.gather(futures)[1:]))
+    return {k: (v if k == "fdr_counts" else int(v)) for k, v in values.items()}
 
 
 def _summary_reductions(results: xr.Dataset) -> dict:
