@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="irls: maximum-likelihood or Cox-Reid adjusted dispersion")
     tst.add_argument("--max-iter", type=int, default=50, help="irls: iteration cap (<= 127)")
     tst.add_argument("--tol", type=float, default=1e-6, help="irls: convergence tolerance")
+    tst.add_argument("--engine", default="auto", choices=["auto", "numba", "array"],
+                     help="kernels: fused numba on CPU blocks (auto), or the array-API ones")
     tst.add_argument("--fdr", default="bh", choices=FDR_CHOICES)
     tst.add_argument("--fdr-scope", default="global", choices=["global", "perturbation"])
     tst.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"],
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     tst.add_argument("--chunks", type=int, nargs=2, metavar=("P", "G"),
                      help="dask chunk sizes (multiples of the cube's shards)")
     tst.add_argument("--overwrite", action="store_true", help="replace an existing results store")
+    tst.add_argument("--resume", action="store_true",
+                     help="finish an interrupted run: compute only the blocks its store lacks")
     tst.add_argument("--no-progress", action="store_true")
     tst.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
@@ -151,9 +155,9 @@ def _test(args) -> int:
         results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                        fdr_scope=args.fdr_scope, dispersion=args.dispersion,
                        dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
-                       fdr_backend=args.fdr_backend)
-        saved = save_results(results, args.results, overwrite=args.overwrite, storage_options=so,
-                             client=client, progress=not args.no_progress)
+                       fdr_backend=args.fdr_backend, engine=args.engine)
+        saved = save_results(results, args.results, overwrite=args.overwrite, resume=args.resume,
+                             storage_options=so, client=client, progress=not args.no_progress)
     summary = summarize(saved)
     wall = time.perf_counter() - start
     print()

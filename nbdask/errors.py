@@ -24,5 +24,9 @@ class StoreError(NbdaskError, OSError):
     """A store cannot be reached, read or written."""
 
 
+class MissingStoreError(StoreError, FileNotFoundError):
+    """No Zarr store at the given path or URL."""
+
+
 class NbdaskWarning(UserWarning):
     """Something suspicious that does not stop the run."""

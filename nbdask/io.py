@@ -6,11 +6,13 @@ import logging
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from .errors import CubeError, ResultsError, StoreError
+from .errors import CubeError, MissingStoreError, ResultsError, StoreError
+from .fdr import LAMBDAS as _LAMBDAS
 from .schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, REPLICATE, TRUTH,
                      check_small_values, validate_structure)
 
@@ -35,18 +37,62 @@ def make_store(url: str, *, storage_options: Mapping | None = None, read_only: b
     return LocalStore(url.removeprefix("file://"), read_only=read_only)
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def redact(text: str, storage_options: Mapping | None) -> str:
+    """``text`` with every credential-like value of ``storage_options`` replaced by ***."""
+    def secrets(obj, name=""):
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                yield from secrets(v, str(k))
+        elif isinstance(obj, str) and len(obj) >= 4 and any(w in name.lower() for w in _SECRET_WORDS):
+            yield obj
+
+    for value in secrets(storage_options or {}):
+        text = text.replace(value, "***")
+    return text
+
+
+def store_error(url: str, err: BaseException, storage_options) -> StoreError:
+    """One line naming the store, the failure and what to check; credentials redacted."""
+    kind = type(err).__name__
+    text = " ".join(str(err).split())[:300]
+    if isinstance(err, PermissionError):
+        hint = "check the credentials (key/secret) and the bucket policy"
+    elif isinstance(err, FileNotFoundError):
+        hint = "check the path or URL and that the bucket exists"
+    else:
+        hint = "check the endpoint URL and that the store is reachable"
+    return StoreError(redact(f"{url}: {kind}: {text}; {hint}", storage_options))
+
+
+def _is_store_failure(err: BaseException) -> bool:
+    """An error of the storage layer (reported as StoreError), not of nbdask's own checks."""
+    if isinstance(err, (CubeError, ResultsError, StoreError)):
+        return False
+    module = type(err).__module__.split(".")[0]
+    return isinstance(err, (OSError, TimeoutError)) or module in (
+        "botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp", "gcsfs", "adlfs", "obstore")
+
+
 def _open_group(url: str, storage_options, mode: str = "r"):
     store = make_store(url, storage_options=storage_options, read_only=(mode == "r"))
     try:
         return zarr.open_group(store, mode=mode)
-    except FileNotFoundError as err:
-        raise StoreError(f"{url}: no Zarr store there ({err.__class__.__name__}); check the path or URL") from None
+    except FileNotFoundError:
+        raise MissingStoreError(f"{url}: no Zarr store there; check the path or URL (and that "
+                                f"the bucket exists)") from None
+    except Exception as err:
+        if not _is_store_failure(err):
+            raise
+        raise store_error(url, err, storage_options) from None
 
 
 def _exists(url: str, storage_options) -> bool:
     try:
         _open_group(url, storage_options, "r")
-    except StoreError:
+    except MissingStoreError:
         return False
     return True
 
@@ -186,29 +232,45 @@ def save_cube(cube: xr.Dataset, url: str, *, overwrite: bool = False,
     if counts.chunks is not None:
         shards = {d: c[0] for d, c in zip(counts.dims, counts.chunks)}
     store = make_store(url, storage_options=storage_options)
-    cube.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
-                 encoding=_encoding(cube, shards, CUBE_CODEC))
+    try:
+        cube.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
+                     encoding=_encoding(cube, shards, CUBE_CODEC))
+    except Exception as err:
+        if not _is_store_failure(err):
+            raise
+        raise store_error(url, err, storage_options) from None
 
 
 def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
-                 storage_options: Mapping | None = None, client=None,
+                 resume: bool = False, storage_options: Mapping | None = None, client=None,
                  progress: bool = False) -> xr.Dataset:
     """Compute ``results`` and write them as sharded Zarr v3, marking the store complete last.
 
     Computation runs on ``client``, else on the active ``distributed.Client``, else on a
-    ``LocalCluster`` started for the call. Lazy results are written in two passes: every
-    variable but ``q_value`` (kernels run once, blockwise), then the FDR step reads the stored
-    p-values back and writes ``q_value`` (exact BH on one worker, or bucketed across workers when
-    the p-values outgrow one: ``fdr_backend`` in the results attrs, "auto" by default). The
-    store is written with ``nbdask_status="incomplete"`` first and set to ``"complete"`` only
-    after every array and the summary attributes are written; a failed run leaves it
-    ``"failed"`` (or ``"incomplete"`` if the process died). Returns the results reopened.
+    ``LocalCluster`` started for the call. Lazy results are written in two passes:
+
+    1. every variable but ``q_value``, one task per (perturbation, feature) block that computes
+       the block, writes its region of every array (whole shards) and then ticks the block in
+       the store's ``nbdask_done_blocks`` array;
+    2. the FDR step reads the stored p-values back and writes ``q_value`` (exact BH on one
+       worker, or bucketed across workers when the p-values outgrow one: ``fdr_backend`` in the
+       results attrs, "auto" by default).
+
+    The store says ``nbdask_status="incomplete"`` until every array and the summary attributes
+    are written, and ``"complete"`` only then; an error leaves it ``"failed"``. ``resume=True``
+    continues an interrupted or failed store written with the same options and chunking: only
+    the blocks not ticked are computed, then pass 2 runs and the store is finalised, from any
+    machine that reaches the store. Returns the results reopened from the store.
     """
     from .cluster import compute_client
     from .fdr import adjust
 
-    if not overwrite and _exists(url, storage_options):
-        raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to replace it")
+    exists = _exists(url, storage_options)
+    if resume and not exists:
+        raise ResultsError(f"{url}: nothing to resume (no store there); run without --resume")
+    if exists and not overwrite and not resume:
+        raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to "
+                           f"replace it, or resume=True (--resume) to finish an interrupted run")
     results = _clear_encoding(results)
     _check_uniform_chunks(results)
     attrs = {k: v for k, v in results.attrs.items() if not k.startswith("n_")}
@@ -216,6 +278,10 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     results = results.assign_attrs(attrs)
     store = make_store(url, storage_options=storage_options)
     lazy = results["p_value"].chunks is not None
+    if resume:
+        status = _check_resumable(url, storage_options, results, lazy)
+        if status == "complete":
+            return open_results(url, storage_options=storage_options)
     start = time.perf_counter()
     fdr = results.attrs.get("fdr", "none")
     final: dict = {}
@@ -228,14 +294,18 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
             grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
             first = results.drop_vars("q_value", errors="ignore")
             with compute_client(client=client) as active:
-                counts = _write(active, first, store, "w", grid, progress,
-                                fdr_counts=fdr != "none" and results.attrs.get("fdr_scope") == "global")
-                stats = counts.pop("fdr_counts", None)
+                stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume)
+                final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
+                stored = xr.open_zarr(make_store(url, storage_options=storage_options,
+                                                 read_only=True), consolidated=False,
+                                      zarr_format=3, chunks=grid, drop_variables=[DONE_ARRAY])
+                if stats is None:  # resumed: the skipped blocks' counts are in the store
+                    from .fdr import counts_graph
+
+                    stats = active.compute(counts_graph(stored["p_value"].data)).result()
+                counts = {"n_tests": int(stats[:-(len(_LAMBDAS) + 1)].sum())}
                 if fdr != "none":
-                    stored = xr.open_zarr(make_store(url, storage_options=storage_options,
-                                                     read_only=True),
-                                          consolidated=False, zarr_format=3, chunks=grid)
                     q = adjust(stored["p_value"], method=fdr,
                                scope=results.attrs.get("fdr_scope", "global"),
                                backend=results.attrs.get("fdr_backend", "auto"),
@@ -246,6 +316,8 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                     counts.update(_write(active, q_ds, store, "a", grid, progress))
     except BaseException as err:
         _mark_failed(url, storage_options, err)
+        if _is_store_failure(err):
+            raise store_error(url, err, storage_options) from None
         raise
     group = _open_group(url, storage_options, "r+")
     final.update({k: v for k, v in results.attrs.items() if k.startswith("n_")})
@@ -257,25 +329,90 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     return open_results(url, storage_options=storage_options)
 
 
-def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool,
-           fdr_counts: bool = False) -> dict:
-    """Write ``ds`` and compute its summary counts in one graph on ``client``; with
-    ``fdr_counts`` also the FDR step's counting pass over the p-values (``fdr.counts``)."""
+#: Per-block completion flags of pass 1, (perturbation blocks, feature blocks), one chunk each.
+DONE_ARRAY = "nbdask_done_blocks"
+
+
+def _check_resumable(url, storage_options, results, lazy) -> str:
+    group = _open_group(url, storage_options, "r")
+    status = group.attrs.get(STATUS_ATTR)
+    if status == "complete":
+        return status
+    if not lazy or DONE_ARRAY not in group:
+        raise ResultsError(f"{url}: cannot resume (no block record in the store); rerun with --overwrite")
+    if group.attrs.get("options") != results.attrs.get("options"):
+        raise ResultsError(f"{url}: cannot resume, the store was written with options "
+                           f"{group.attrs.get('options')}, this run has {results.attrs.get('options')}; "
+                           f"use the same options or --overwrite")
+    blocks = tuple(len(c) for c in results["p_value"].chunks)
+    if tuple(group[DONE_ARRAY].shape) != blocks or _storage_grid(group["p_value"]) != tuple(
+            c[0] for c in results["p_value"].chunks):
+        raise ResultsError(f"{url}: cannot resume, the store's block grid differs from this run's "
+                           f"chunks; open the cube with the same chunks or use --overwrite")
+    return status
+
+
+def _store_block(store, names, region, index, *blocks):
+    """Write one block's region of every array, then tick it; returns its FDR counts."""
+    from .fdr import _chunk_counts
+
+    group = zarr.open_group(store, mode="r+")
+    for name, block in zip(names, blocks):
+        group[name][region] = block
+    group[DONE_ARRAY][index] = True  # last: the block is done only once all its arrays are
+    return _chunk_counts(blocks[names.index("p_value")])
+
+
+def _sum(*parts):
+    return sum(parts)
+
+
+def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool):
+    """Pass 1: one compute-write-tick task per block not yet done; (FDR counts or None, n)."""
+    import dask
+
     from .cluster import show_progress
-    from .fdr import counts_graph
+
+    names = [n for n, v in ds.data_vars.items() if v.chunks is not None and v.dims == (PERTURBATION, FEATURE)]
+    chunks = ds["p_value"].chunks
+    if resume:
+        done = zarr.open_group(store, mode="r")[DONE_ARRAY][:]
+    else:
+        ds.to_zarr(store, mode="w", zarr_format=3, consolidated=False, compute=False,
+                   encoding=_encoding(ds, grid))  # metadata and small variables only
+        done = np.zeros(tuple(len(c) for c in chunks), dtype=bool)
+        zarr.open_group(store, mode="r+").create_array(
+            DONE_ARRAY, shape=done.shape, chunks=(1, 1), dtype=bool, fill_value=False,
+            dimension_names=("perturbation_block", "feature_block"))
+    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    tasks = []
+    for i, j in zip(*np.nonzero(~done)):
+        region = (slice(int(offsets[0][i]), int(offsets[0][i + 1])),
+                  slice(int(offsets[1][j]), int(offsets[1][j + 1])))
+        blocks = [ds[n].data.blocks[int(i), int(j)] for n in names]
+        tasks.append(dask.delayed(_store_block)(store, names, region, (int(i), int(j)), *blocks))
+    if not tasks:
+        return None, 0
+    futures = client.compute(tasks)
+    if progress:
+        show_progress(futures)
+    total = client.submit(_sum, *futures).result()  # summed on the cluster, not the client
+    return (None if resume else total), len(tasks)
+
+
+def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool) -> dict:
+    """Write ``ds`` and compute its summary counts in one graph on ``client``."""
+    from .cluster import show_progress
 
     delayed = ds.to_zarr(store, mode=mode, zarr_format=3, consolidated=False, compute=False,
                          encoding=_encoding(ds, grid))
     summary = _summary_reductions(ds)
-    if fdr_counts:
-        summary["fdr_counts"] = counts_graph(ds["p_value"].data)
     # One graph: optimising the collections separately would rename shared keys and run the
     # kernels twice.
     futures = client.compute([delayed, *summary.values()], optimize_graph=False)
     if progress:
         show_progress(futures)
-    values = dict(zip(summary, client.gather(futures)[1:]))
-    return {k: (v if k == "fdr_counts" else int(v)) for k, v in values.items()}
+    return {k: int(v) for k, v in zip(summary, client.gather(futures)[1:])}
 
 
 def _summary_reductions(results: xr.Dataset) -> dict:
@@ -311,7 +448,7 @@ def open_results(url: str, *, storage_options: Mapping | None = None,
                            f"failed or was interrupted); rerun `nbdask test ... --overwrite`")
     store = make_store(url, storage_options=storage_options, read_only=True)
     grid = _storage_grid(group["p_value"])
-    return xr.open_zarr(store, consolidated=False, zarr_format=3,
+    return xr.open_zarr(store, consolidated=False, zarr_format=3, drop_variables=[DONE_ARRAY],
                         chunks={PERTURBATION: grid[0], FEATURE: grid[1]})
 
 

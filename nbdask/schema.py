@@ -148,20 +148,29 @@ def _check_storage_alignment(name: str, var: xr.DataArray) -> None:
                   f"multiples of {step}, or rechunk with cube.chunk({{{dim!r}: {step}}})")
 
 
+def host_values(var: xr.DataArray) -> np.ndarray:
+    """A variable's values as a NumPy array, whether NumPy-, dask- or CuPy-backed."""
+    data = var.data
+    if hasattr(data, "compute"):
+        data = data.compute()
+    get = getattr(data, "get", None)
+    return np.asarray(get() if get is not None and not isinstance(data, np.ndarray) else data)
+
+
 def check_small_values(ds: xr.Dataset) -> dict[str, int]:
     """Check size factors and control counts (small arrays, loaded); return design counts."""
-    sf = np.asarray(ds["size_factor"].values, dtype=np.float64)
+    sf = host_values(ds["size_factor"]).astype(np.float64)
     bad = ~np.isnan(sf) & ~(np.isfinite(sf) & (sf > 0))
     if bad.any():
         i, r = np.argwhere(bad)[0]
         _fail(f"size_factor: {int(bad.sum())} value(s) are zero, negative or infinite "
               f"(first at perturbation {_label(ds, PERTURBATION, i)!r}, replicate {r}: {sf[i, r]}); "
               f"size factors must be finite and > 0, use NaN to mark an absent replicate")
-    csf = np.asarray(ds["control_size_factor"].values, dtype=np.float64)
+    csf = host_values(ds["control_size_factor"]).astype(np.float64)
     if not (np.isfinite(csf) & (csf > 0)).all():
         _fail(f"control_size_factor: values must be finite and > 0, found {csf.tolist()}; "
               f"drop control samples without a size factor")
-    cc = np.asarray(ds["control_counts"].values)
+    cc = host_values(ds["control_counts"])
     _check_count_values("control_counts", cc, np.ones(cc.shape, bool), ds, FEATURE)
     present = np.isfinite(sf).sum(axis=1)
     return {
