@@ -352,26 +352,30 @@ def _check_resumable(url, storage_options, results, lazy) -> str:
     return status
 
 
-def _store_block(store, names, region, index, *blocks):
-    """Write one block's region of every array, then tick it; returns its FDR counts."""
+def _store_block(*blocks, store, names, block_info=None):
+    """Write one block's region of every array, then tick it; returns its FDR counts.
+
+    Runs as ``da.map_blocks`` over all output arrays at once, so the kernel task that
+    produces them is shared (passing each output to a separate task would let graph
+    optimisation fuse, and rerun, the kernel once per output).
+    """
     from .fdr import _chunk_counts
 
+    info = block_info[0]
+    region = tuple(slice(start, stop) for start, stop in info["array-location"])
     group = zarr.open_group(store, mode="r+")
     for name, block in zip(names, blocks):
         group[name][region] = block
-    group[DONE_ARRAY][index] = True  # last: the block is done only once all its arrays are
-    return _chunk_counts(blocks[names.index("p_value")])
-
-
-def _sum(*parts):
-    return sum(parts)
+    group[DONE_ARRAY][tuple(info["chunk-location"])] = True  # last: done once all arrays are
+    return _chunk_counts(blocks[names.index("p_value")])[None, None, :]
 
 
 def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool):
     """Pass 1: one compute-write-tick task per block not yet done; (FDR counts or None, n)."""
-    import dask
+    import dask.array as da
 
     from .cluster import show_progress
+    from .fdr import LAMBDAS, N_KEYS
 
     names = [n for n, v in ds.data_vars.items() if v.chunks is not None and v.dims == (PERTURBATION, FEATURE)]
     chunks = ds["p_value"].chunks
@@ -384,20 +388,22 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
         zarr.open_group(store, mode="r+").create_array(
             DONE_ARRAY, shape=done.shape, chunks=(1, 1), dtype=bool, fill_value=False,
             dimension_names=("perturbation_block", "feature_block"))
-    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
-    tasks = []
-    for i, j in zip(*np.nonzero(~done)):
-        region = (slice(int(offsets[0][i]), int(offsets[0][i + 1])),
-                  slice(int(offsets[1][j]), int(offsets[1][j + 1])))
-        blocks = [ds[n].data.blocks[int(i), int(j)] for n in names]
-        tasks.append(dask.delayed(_store_block)(store, names, region, (int(i), int(j)), *blocks))
-    if not tasks:
+    n_counts = N_KEYS + len(LAMBDAS) + 1
+    written = da.map_blocks(
+        _store_block, *(ds[n].data for n in names), store=store, names=names,
+        chunks=(tuple(1 for _ in chunks[0]), tuple(1 for _ in chunks[1]), (n_counts,)),
+        new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
+    todo = list(zip(*np.nonzero(~done)))
+    if not todo:
         return None, 0
-    futures = client.compute(tasks)
+    if len(todo) == done.size:
+        futures = client.compute(written.sum(axis=(0, 1)))
+    else:
+        futures = client.compute([written.blocks[int(i), int(j)] for i, j in todo])
     if progress:
         show_progress(futures)
-    total = client.submit(_sum, *futures).result()  # summed on the cluster, not the client
-    return (None if resume else total), len(tasks)
+    total = client.gather(futures)
+    return (total if len(todo) == done.size else None), len(todo)
 
 
 def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool) -> dict:
