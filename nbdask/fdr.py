@@ -45,6 +45,10 @@ N_KEYS = (0x3FF0000000000000 >> SHIFT) + 1
 LAMBDAS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 #: Bytes per p-value the gather path needs on its worker (p, order, sorted copies, q).
 GATHER_BYTES = 40
+#: A bucket holds at most this fraction of the smallest worker's memory (at GATHER_BYTES per
+#: value): small enough that several buckets and the pieces waiting for them never push a
+#: worker into spilling, and enough buckets to keep every worker busy.
+BUCKET_MEMORY_FRACTION = 0.05
 
 
 def bh(p: np.ndarray, *, axis: int | None = None) -> np.ndarray:
@@ -309,7 +313,7 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
         if chosen == "buckets" or method == "storey":
             stats = stats or counts(data)
     if chosen == "buckets":
-        size = bucket_size or max(1_000_000, int(0.25 * (worker_memory_limit() or 4e9) / GATHER_BYTES))
+        size = bucket_size or max(1_000_000, int(BUCKET_MEMORY_FRACTION * (worker_memory_limit() or 4e9) / GATHER_BYTES))
         q = bh_buckets(data, bucket_size=size, stats=stats)
     elif not lazy:
         q = bh(np.asarray(data), axis=axis)
