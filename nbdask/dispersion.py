@@ -39,7 +39,7 @@ import xarray as xr
 from scipy import stats
 
 from .kernels.backend import namespaces
-from .kernels.moments import group_moments, poisson_term
+from .kernels.moments import block_moments, group_moments, poisson_term
 from .kernels.mom import MIN_DISPERSION, group_rates
 from .schema import FEATURE
 
@@ -67,12 +67,8 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
     """Partial per-feature sums of one block: array [len(SUMS), G_b] (float64)."""
     xp, _ = namespaces(counts, size_factor, control_counts, control_size_factor)
     f64 = xp.float64
-    size_factor = xp.astype(size_factor, f64)
-    control_size_factor = xp.astype(control_size_factor, f64)
-    present = xp.isfinite(size_factor)
-    ctrl = group_moments(xp, control_counts, control_size_factor,
-                         xp.ones(control_size_factor.shape, dtype=xp.bool))
-    trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
+    size_factor, control_size_factor, present, ctrl, trt = block_moments(
+        xp, counts, size_factor, control_counts, control_size_factor)
 
     def contributions(m):
         w = xp.maximum(m.n - 1.0, 0.0)

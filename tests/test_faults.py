@@ -31,6 +31,17 @@ def wait_for(path: Path, timeout=60):
     return json.loads(path.read_text())
 
 
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def dask_cli(*args):
     return [sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]]
 
@@ -43,14 +54,7 @@ def scheduler(tmp_path):
                                 "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file))))
     info = wait_for(sched_file)
     yield info["address"], procs, sched_file
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop(procs)
 
 
 def test_job_survives_a_killed_worker(scheduler, tmp_path):
@@ -126,13 +130,7 @@ def test_tls_only_cluster(tmp_path):
         with pytest.raises((OSError, TimeoutError)):
             Client(address, security=impostor, timeout="5s")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def test_killed_client_leaves_an_incomplete_store_that_resumes(client, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .backend import namespaces
-from .moments import group_moments, poisson_term
+from .moments import block_moments, poisson_term
 from .wald import wald_test, weight_sum
 
 #: Floor of the shared dispersion estimate phi hat (DESeq2's minDisp).
@@ -77,15 +77,9 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
     ``standard_error``, ``statistic`` (float32) and ``p_value`` (float64, NaN = untestable).
     """
     xp, special = namespaces(counts, size_factor, control_counts, control_size_factor)
-    f64 = xp.float64
-    size_factor = xp.astype(size_factor, f64)
-    control_size_factor = xp.astype(control_size_factor, f64)
-    present = xp.isfinite(size_factor)
-
     # Control statistics: once per feature block, broadcast over perturbations.
-    ctrl = group_moments(xp, control_counts, control_size_factor,
-                         xp.ones(control_size_factor.shape, dtype=xp.bool))
-    trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
+    size_factor, control_size_factor, present, ctrl, trt = block_moments(
+        xp, counts, size_factor, control_counts, control_size_factor)
     n_t = trt.n  # [P_b, 1]
 
     rate_c, rate_t = group_rates(xp, ctrl, trt)

@@ -53,3 +53,19 @@ def poisson_term(xp, ctrl: GroupMoments, trt: GroupMoments, rate_c, rate_t, cont
     inv_l = xp.sum(xp.where(present, 1.0 / xp.where(present, size_factor, 1.0), 0.0), axis=-1)
     n = control_size_factor.shape[0] + trt.n
     return (inv_c + inv_l[:, None] / rate_t) / n
+
+
+def block_moments(xp, counts, size_factor, control_counts, control_size_factor):
+    """The moments every kernel starts from, for one block of the kernel contract.
+
+    Returns ``(size_factor, control_size_factor, present, ctrl, trt)``: float64 size factors,
+    the treated presence mask [P_b, R], the control group's moments ([G_b] rates; computed once
+    per feature block) and the treated groups' ([P_b, G_b] rates).
+    """
+    size_factor = xp.astype(size_factor, xp.float64)
+    control_size_factor = xp.astype(control_size_factor, xp.float64)
+    present = xp.isfinite(size_factor)
+    ctrl = group_moments(xp, control_counts, control_size_factor,
+                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+    trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
+    return size_factor, control_size_factor, present, ctrl, trt
