@@ -100,6 +100,11 @@ def test_auto_uses_buckets_when_p_values_outgrow_a_worker(tmp_path):
     import zarr
     from distributed import Client, LocalCluster
 
+    from nbdask import fdr_fused
+
+    # Compile (and cache on disk) the numba core here: compiling inside a 400 MiB worker would
+    # push it past its pause threshold.
+    fdr_fused.bh(np.random.default_rng(0).uniform(size=1000))
     p = hard_p_values((2500, 2500), seed=9)
     path = str(tmp_path / "p.zarr")
     zarr.create_array(path, shape=p.shape, chunks=(500, 500), dtype="f8")[:] = p
