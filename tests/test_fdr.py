@@ -93,8 +93,9 @@ def test_bucketed_bh_is_bit_identical_to_gather(client, bucket_size):
 
 
 def test_auto_uses_buckets_when_p_values_outgrow_a_worker(tmp_path):
-    """Workers limited to 400 MiB: 6.25 million p-values need 250 MB on one worker to gather
-    (40 B each, over half the limit), so "auto" must take the distributed path."""
+    """Workers limited to 1 GiB (a worker process with nbdask imported already holds ~0.3 GiB):
+    14.1 million p-values need 566 MB on one worker to gather (40 B each, over half the
+    limit), so "auto" must take the distributed path."""
     import logging
 
     import zarr
@@ -102,15 +103,14 @@ def test_auto_uses_buckets_when_p_values_outgrow_a_worker(tmp_path):
 
     from nbdask import fdr_fused
 
-    # Compile (and cache on disk) the numba core here: compiling inside a 400 MiB worker would
-    # push it past its pause threshold.
+    # Compile (and cache on disk) the numba core here rather than inside a small worker.
     fdr_fused.bh(np.random.default_rng(0).uniform(size=1000))
-    p = hard_p_values((2500, 2500), seed=9)
+    p = hard_p_values((3800, 3800), seed=9)
     path = str(tmp_path / "p.zarr")
-    zarr.create_array(path, shape=p.shape, chunks=(500, 500), dtype="f8")[:] = p
+    zarr.create_array(path, shape=p.shape, chunks=(760, 760), dtype="f8")[:] = p
     expected = scipy_bh(p.reshape(-1)).reshape(p.shape)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      memory_limit="400MiB", dashboard_address=":0",
+                      memory_limit="1GiB", dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster, Client(cluster):
         stored = xr.DataArray(da.from_zarr(path), dims=("perturbation", "feature"))
         q = fdr.adjust(stored, backend="auto")
