@@ -93,10 +93,12 @@ def main() -> None:
     out_dir = tempfile.mkdtemp(prefix="nbdask-bench-")
     try:
         with local_cluster(workers=args.workers) as cluster, Client(cluster) as client:
-            warm = nbdask.test(nbdask.open_cube(path).isel(perturbation=slice(0, args.shards)), method="irls")
+            warm = nbdask.test(nbdask.open_cube(path).isel(perturbation=slice(0, args.shards)), method="irls",
+                               dispersion="comparison")
             warm["p_value"].data.sum().compute()  # compile on the workers
             with timer("pipeline", t):
-                nbdask.save_results(nbdask.test(nbdask.open_cube(path), method="irls"),
+                nbdask.save_results(nbdask.test(nbdask.open_cube(path), method="irls",
+                                                dispersion="comparison"),
                                     out_dir + "/r.zarr", client=client)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -48,7 +48,7 @@ def main() -> None:
             with timer("raw_read", t):
                 counts.sum().compute()
             with timer("pipeline", t):
-                res = nbdask.test(nbdask.open_cube(path))
+                res = nbdask.test(nbdask.open_cube(path), dispersion="comparison")
                 saved = nbdask.save_results(res, out_dir + "/results.zarr", client=client)
             n_tests = saved.attrs["n_tests"]
 

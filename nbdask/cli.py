@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="mom: method of moments (default); irls: batched maximum likelihood")
     tst.add_argument("--test", default="wald", choices=["wald", "lrt"],
                      help="wald (default) or lrt (likelihood ratio; irls only)")
-    tst.add_argument("--dispersion", default="comparison", choices=["comparison", "feature", "shrunk"],
-                     help="per-comparison (default), pooled per feature, or shrunk between the two")
+    tst.add_argument("--dispersion", default="feature", choices=["feature", "comparison", "shrunk"],
+                     help="pooled per feature (default), per comparison (the paper's), or shrunk")
     tst.add_argument("--dispersion-fit", default="ml", choices=["ml", "cox-reid"],
                      help="irls: maximum-likelihood or Cox-Reid adjusted dispersion")
     tst.add_argument("--max-iter", type=int, default=50, help="irls: iteration cap (<= 127)")

@@ -38,10 +38,10 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .kernels.backend import namespaces
+from .kernels.backend import namespaces, to_host
 from .kernels.moments import block_moments, group_moments, poisson_term
 from .kernels.mom import MIN_DISPERSION, group_rates
-from .schema import FEATURE
+from .schema import FEATURE, host_values
 
 DISPERSIONS = ("comparison", "feature", "shrunk")
 #: Groups whose Pearson statistic exceeds this chi-square quantile are left out of the pool.
@@ -193,10 +193,10 @@ def feature_dispersion(cube: xr.Dataset) -> xr.Dataset:
             new_axes={"k": len(SUMS)}, concatenate=True, dtype=np.float64,
             adjust_chunks={"b": 1},
         )
-        sums = blocks.sum(axis=0).compute()
+        sums = to_host(blocks.sum(axis=0).compute())
     else:
-        sums = _sums_block(counts.values, *(v.values for v in side))[0]
-    out = combine(sums, cube["control_counts"].values, cube["control_size_factor"].values)
+        sums = to_host(_sums_block(counts.data, *(v.data for v in side))[0])
+    out = combine(sums, host_values(cube["control_counts"]), host_values(cube["control_size_factor"]))
     coords = {FEATURE: cube[FEATURE]} if FEATURE in cube.coords else {}
     return xr.Dataset(
         {

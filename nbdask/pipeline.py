@@ -46,7 +46,7 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
 
 
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
-         fdr_scope: str = "global", dispersion: str = "comparison", dispersion_fit: str = "ml",
+         fdr_scope: str = "global", dispersion: str = "feature", dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
          fdr_backend: str = "auto", check_counts: bool = True) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
@@ -69,9 +69,9 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         exact bucketed BH across workers), ``"gather"`` or ``"buckets"``; the lazy ``q_value`` of
         the returned Dataset always gathers.
     dispersion
-        Whose samples inform the dispersion: ``"comparison"`` (this comparison's only, the
-        paper's), ``"feature"`` (one robust pooled value per feature from every perturbation and
-        the control) or ``"shrunk"`` (empirical Bayes between the two); see
+        Whose samples inform the dispersion: ``"feature"`` (default: one robust pooled value per
+        feature from every perturbation and the control), ``"comparison"`` (this comparison's
+        samples only, the paper's) or ``"shrunk"`` (empirical Bayes between the two); see
         ``nbdask.dispersion``. The pooled modes run their reduction pass over the cube when
         ``test`` is called (on the active client), since every p-value depends on it, and
         add ``feature_log_dispersion`` (and its spread and outlier counts) to the results.

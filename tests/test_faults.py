@@ -66,14 +66,15 @@ def test_job_survives_a_killed_worker(scheduler, tmp_path):
     cube = nbdask.simulate(perturbations=240, features=240, seed=4, chunks=40)
     cube_path = str(tmp_path / "cube.zarr")
     nbdask.save_cube(cube, cube_path)
-    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array")
+    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array",
+                            dispersion="comparison")
     from distributed import Client
 
     with Client(address, timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
         job = subprocess.Popen([sys.executable, "-m", "nbdask.cli", "test", cube_path,
                                 str(tmp_path / "r.zarr"), "--scheduler", address, "--method", "irls",
-                                "--engine", "array", "--no-progress"],
+                                "--engine", "array", "--dispersion", "comparison", "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # wait until the job is under way, then kill one worker process outright
         deadline = time.time() + 120
@@ -117,8 +118,9 @@ def test_tls_only_cluster(tmp_path):
         cube = nbdask.simulate(perturbations=30, features=20, seed=2, chunks=10)
         with Client(address, security=security, timeout="30s") as client:
             client.wait_for_workers(1, timeout=60)
-            res = nbdask.save_results(nbdask.test(cube), str(tmp_path / "r.zarr"), client=client)
-        expected = nbdask.test(cube.load())
+            res = nbdask.save_results(nbdask.test(cube, dispersion="comparison"),
+                                      str(tmp_path / "r.zarr"), client=client)
+        expected = nbdask.test(cube.load(), dispersion="comparison")
         np.testing.assert_array_equal(res["p_value"].values, expected["p_value"].values)
         # Without the certificates: plain TCP is refused, and TLS without a client cert fails.
         with pytest.raises((OSError, TimeoutError)):
@@ -142,7 +144,8 @@ def test_killed_client_leaves_an_incomplete_store_that_resumes(client, tmp_path)
     cube_path, out = str(tmp_path / "cube.zarr"), str(tmp_path / "r.zarr")
     nbdask.save_cube(cube, cube_path)
     args = [sys.executable, "-m", "nbdask.cli", "test", cube_path, out, "--scheduler",
-            client.scheduler.address, "--method", "irls", "--engine", "array", "--no-progress"]
+            client.scheduler.address, "--method", "irls", "--engine", "array", "--dispersion",
+            "comparison", "--no-progress"]
     job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_path = Path(out) / "nbdask_done_blocks"
     deadline = time.time() + 120
@@ -164,6 +167,7 @@ def test_killed_client_leaves_an_incomplete_store_that_resumes(client, tmp_path)
     assert r.returncode == 0, r.stderr
     res = nbdask.open_results(out)
     assert res.attrs["resumed_blocks"] <= 36 - ticked + 2  # blocks in flight at the kill may be redone
-    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array")
+    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array",
+                            dispersion="comparison")
     for name in ("log_fold_change", "p_value", "q_value", "iterations"):
         np.testing.assert_array_equal(res[name].values, reference[name].values, err_msg=name)

@@ -40,7 +40,7 @@ def in_memory_reference(cube):
 def test_test_is_lazy_and_chunked_like_the_cube(cube_path):
     cube = nbdask.open_cube(cube_path)
     assert cube["counts"].chunks == ((16,) * 4, (16,) * 3, (4,))
-    res = nbdask.test(cube)
+    res = nbdask.test(cube, dispersion="comparison")
     for name, var in res.data_vars.items():
         assert var.chunks == ((16,) * 4, (16,) * 3), name
         assert var.attrs["comment"]
@@ -51,7 +51,7 @@ def test_test_is_lazy_and_chunked_like_the_cube(cube_path):
 def test_end_to_end_on_local_cluster(cube_path, tmp_path, client):
     cube = nbdask.open_cube(cube_path)
     out = str(tmp_path / "results.zarr")
-    saved = nbdask.save_results(nbdask.test(cube), out)
+    saved = nbdask.save_results(nbdask.test(cube, dispersion="comparison"), out)
     ref, q_ref = in_memory_reference(cube.load())
     reopened = nbdask.open_results(out)
     for name, value in ref.items():  # the pipeline runs the fused kernel: equal to rounding
@@ -111,7 +111,7 @@ def test_cli_end_to_end(tmp_path):
     r = run_cli("info", cube)
     assert r.returncode == 0 and "validation: OK" in r.stdout, r.stdout + r.stderr
     assert "shards=(16, 16, 3)" in r.stdout
-    r = run_cli("test", cube, out, "--method", "mom", "--workers", "2")
+    r = run_cli("test", cube, out, "--method", "mom", "--dispersion", "comparison", "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert "tested" in r.stdout and "comparisons/s" in r.stdout
     r = run_cli("test", cube, out, "--workers", "1")
@@ -119,7 +119,7 @@ def test_cli_end_to_end(tmp_path):
     r = run_cli("report", out, "--truth", cube, "--json")
     summary = json.loads(r.stdout)
     assert summary["n_comparisons"] == 1200 and summary["n_tests"] > 1100
-    expected = nbdask.test(nbdask.open_cube(cube).load())
+    expected = nbdask.test(nbdask.open_cube(cube).load(), dispersion="comparison")
     np.testing.assert_allclose(nbdask.open_results(out)["p_value"].values, expected["p_value"].values,
                                rtol=1e-12)
 
@@ -146,7 +146,7 @@ def test_null_calibration_smoke():
     cube = nbdask.simulate(perturbations=40, features=2000, replicates=5, control_replicates=5,
                            effect_fraction=0.0, ragged_fraction=0.0, base_mean=(2, 20),
                            dispersion=(0.02, 1.0), seed=11, chunks=1000)
-    p = nbdask.test(cube.load(), fdr="none")["p_value"].values
+    p = nbdask.test(cube.load(), fdr="none", dispersion="comparison")["p_value"].values
     assert np.isfinite(p).all()
     per_feature = (p < 0.05).mean(axis=0)
     rate = per_feature.mean()
@@ -158,7 +158,8 @@ def test_null_calibration_smoke():
 
 def test_cli_irls_lrt_on_local_cluster(cube_path, tmp_path):
     out = str(tmp_path / "irls.zarr")
-    r = run_cli("test", cube_path, out, "--method", "irls", "--test", "lrt", "--dispersion-fit",
+    r = run_cli("test", cube_path, out, "--method", "irls", "--test", "lrt", "--dispersion", "comparison",
+                "--dispersion-fit",
                 "cox-reid", "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
     from nbdask.kernels.fused import irls_fused

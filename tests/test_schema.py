@@ -74,7 +74,7 @@ def test_in_memory_cube_is_rejected(case):
 
 
 def test_good_cube_passes():
-    res = nbdask.test(good_cube())
+    res = nbdask.test(good_cube(), dispersion="comparison")
     assert set(res.data_vars) == {n for n in OUTPUTS if n not in ("converged", "iterations") and not n.startswith("feature_")}
     assert res.attrs["n_tests"] == 48
 
