@@ -171,7 +171,8 @@ def check_small_values(ds: xr.Dataset) -> dict[str, int]:
         _fail(f"control_size_factor: values must be finite and > 0, found {csf.tolist()}; "
               f"drop control samples without a size factor")
     cc = host_values(ds["control_counts"])
-    _check_count_values("control_counts", cc, np.ones(cc.shape, bool), ds, FEATURE)
+    _check_count_values("control_counts", cc, np.ones(cc.shape, bool),
+                        lambda i: f"feature {_label(ds, FEATURE, i[0])!r}")
     present = np.isfinite(sf).sum(axis=1)
     return {
         "n_perturbations": int(sf.shape[0]),
@@ -189,41 +190,39 @@ def _label(ds: xr.Dataset, dim: str, i: int) -> object:
     return int(i)
 
 
-def _check_count_values(name: str, y: np.ndarray, present: np.ndarray, ds=None, dim=None,
-                        offset: int = 0) -> None:
-    """Raise if counts at present positions are negative, non-integer or not finite."""
+def _check_count_values(name: str, y: np.ndarray, present: np.ndarray, locate) -> None:
+    """Raise if counts at present positions are negative, non-integer or not finite.
+
+    ``locate`` turns the index of the first bad value into words for the message.
+    """
     if y.dtype.kind == "u" or y.size == 0:
         return
+
+    def where(mask):
+        return f"(first at {locate(tuple(int(i) for i in np.argwhere(mask)[0]))})"
+
     if y.dtype.kind == "i":
         neg = y < 0
         if neg.any():
-            where = _where(neg, ds, dim, offset)
-            _fail(f"{name}: {int(neg.sum())} negative count(s) {where}; counts must be >= 0")
+            _fail(f"{name}: {int(neg.sum())} negative count(s) {where(neg)}; counts must be >= 0")
         return
     finite = np.isfinite(y)
     nan = present & ~finite
     if nan.any() and name == "control_counts":
-        _fail(f"control_counts: {int(nan.sum())} NaN/inf value(s) {_where(nan, ds, dim, offset)}; "
+        _fail(f"control_counts: {int(nan.sum())} NaN/inf value(s) {where(nan)}; "
               f"if the cube was assembled from arrays with different feature labels, xarray aligned "
               f"them and filled NaN: give control_counts exactly the feature coordinate of counts")
     if nan.any():
         _fail(f"{name}: {int(nan.sum())} NaN/inf count(s) in present replicates "
-              f"{_where(nan, ds, dim, offset)}; fill them, or mark the replicate absent with a NaN size factor")
+              f"{where(nan)}; fill them, or mark the replicate absent with a NaN size factor")
     neg = present & finite & (y < 0)
     if neg.any():
-        _fail(f"{name}: {int(neg.sum())} negative count(s) {_where(neg, ds, dim, offset)}; counts must be >= 0")
+        _fail(f"{name}: {int(neg.sum())} negative count(s) {where(neg)}; counts must be >= 0")
     frac = present & finite & (y != np.floor(np.where(finite, y, 0)))
     if frac.any():
         ex = y[frac].flat[0]
         _fail(f"{name}: {int(frac.sum())} non-integer count(s), e.g. {ex} "
-              f"{_where(frac, ds, dim, offset)}; pass raw integer counts, not normalised values")
-
-
-def _where(mask: np.ndarray, ds, dim, offset: int) -> str:
-    idx = np.argwhere(mask)[0]
-    if ds is not None and dim is not None:
-        return f"(first at {dim} {_label(ds, dim, offset + int(idx[0]))!r})"
-    return f"(first at block index {tuple(int(i) for i in idx)})"
+              f"{where(frac)}; pass raw integer counts, not normalised values")
 
 
 def check_count_block(counts: np.ndarray, size_factor: np.ndarray,
@@ -235,23 +234,13 @@ def check_count_block(counts: np.ndarray, size_factor: np.ndarray,
     comparison in the error.
     """
     present = np.broadcast_to(np.isfinite(size_factor)[:, None, :], counts.shape)
-    try:
-        _check_count_values("counts", counts, present)
-    except CubeError as err:
+
+    def locate(index):
         if perturbation is None or feature is None:
-            raise
-        bad = _bad_mask(counts, present)
-        p, g = np.argwhere(bad.any(axis=2))[0]
-        msg = str(err).replace(
-            "(first at block index", f"(first at perturbation {perturbation[p]!r}, feature {feature[g]!r}; block index")
-        raise CubeError(msg) from None
+            return f"block index {index}"
+        return f"perturbation {perturbation[index[0]]!r}, feature {feature[index[1]]!r}"
 
-
-def _bad_mask(y: np.ndarray, present: np.ndarray) -> np.ndarray:
-    if y.dtype.kind == "i":
-        return y < 0
-    finite = np.isfinite(y)
-    return present & (~finite | (y < 0) | (y != np.floor(np.where(finite, y, 0))))
+    _check_count_values("counts", counts, present, locate)
 
 
 def _check_block_ufunc(counts, size_factor, perturbation, feature):
