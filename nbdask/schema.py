@@ -238,7 +238,7 @@ def check_count_block(counts: np.ndarray, size_factor: np.ndarray,
     def locate(index):
         if perturbation is None or feature is None:
             return f"block index {index}"
-        return f"perturbation {perturbation[index[0]]!r}, feature {feature[index[1]]!r}"
+        return f"perturbation {str(perturbation[index[0]])!r}, feature {str(feature[index[1]])!r}"
 
     _check_count_values("counts", counts, present, locate)
 
