@@ -3,8 +3,14 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.nbdask-installed
 DEMO    := .demo
+# Transformer training and its torch tests: PyTorch's CPU build lies on this project's machines
+# as a Python 3.11 wheel (torch==2.13.0), so they get a venv of their own.
+TVENV   := .venv-train
+TPY     := $(TVENV)/bin/python
+TSTAMP  := $(TVENV)/.nbdask-installed
+TRAIN_DEPS := torch==2.13.0 numpy scipy array-api-compat pytest pytest-timeout
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv train-venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +24,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+train-venv: $(TSTAMP)
+
+$(TSTAMP): pyproject.toml
+	@if [ ! -x $(TPY) ]; then \
+	  PYENV_VERSION=3.11.7 python -m venv $(TVENV) 2>/dev/null || python3.11 -m venv $(TVENV) \
+	  || { echo "the training venv needs Python 3.11 (torch's CPU wheel here is cp311)" >&2; exit 1; }; \
+	fi
+	$(TPY) -m pip install -q $(TRAIN_DEPS)
+	@touch $(TSTAMP)
+
 demo: venv
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(VENV)/bin/nbdask simulate $(DEMO)/cube.zarr --perturbations 512 --features 512 \
@@ -26,8 +42,10 @@ demo: venv
 	$(VENV)/bin/nbdask test $(DEMO)/cube.zarr $(DEMO)/results.zarr --method mom --workers 2
 	$(VENV)/bin/nbdask report $(DEMO)/results.zarr --truth $(DEMO)/cube.zarr
 
-test: venv
+test: venv train-venv
 	$(VENV)/bin/python -m pytest -q -ra
+	# nbdask runs from the source tree here: inference and training need only numpy/scipy/torch
+	PYTHONPATH=$(CURDIR) $(TPY) -m pytest -q -ra -p no:cacheprovider tests/test_train.py
 
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(TVENV) $(DEMO)

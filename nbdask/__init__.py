@@ -2,19 +2,36 @@
 
 Count cubes in chunked Zarr are opened as xarray, tested blockwise on Dask workers with NumPy or
 CuPy kernels, FDR-corrected exactly, and written back to Zarr.
+
+The public names load on first use, so ``nbdask.kernels`` (NumPy/CuPy only) and ``nbdask.train``
+(PyTorch) import on machines without xarray, Dask or Zarr, e.g. a bare GPU box or a training venv.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import fdr  # noqa: E402
-from .errors import CubeError, NbdaskError, OptionError, ResultsError, StoreError  # noqa: E402
-from .io import describe, open_cube, open_results, save_cube, save_results  # noqa: E402
-from .pipeline import test  # noqa: E402
-from .simulate import simulate  # noqa: E402
-from .summary import summarize  # noqa: E402
+_PUBLIC = {
+    "CubeError": "errors", "NbdaskError": "errors", "OptionError": "errors",
+    "ResultsError": "errors", "StoreError": "errors",
+    "describe": "io", "open_cube": "io", "open_results": "io", "save_cube": "io",
+    "save_results": "io", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
+}
 
-__all__ = [
-    "CubeError", "NbdaskError", "OptionError", "ResultsError", "StoreError",
-    "describe", "fdr", "open_cube", "open_results", "save_cube", "save_results",
-    "simulate", "summarize", "test",
-]
+__all__ = ["fdr", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name == "fdr":
+        return importlib.import_module(".fdr", __name__)
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nbdask' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""``nbdask`` command line: simulate | info | test | report."""
+"""``nbdask`` command line: simulate | info | test | report | train."""
 
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     tst = sub.add_parser("test", help="test every comparison of a cube and write results Zarr")
     tst.add_argument("cube")
     tst.add_argument("results")
-    tst.add_argument("--method", default="mom", choices=["mom", "irls"],
-                     help="mom: method of moments (default); irls: batched maximum likelihood")
+    tst.add_argument("--method", default="mom", choices=["mom", "irls", "transformer"],
+                     help="mom: method of moments (default); irls: batched maximum likelihood; "
+                          "transformer: the pre-trained pair-set transformer")
+    tst.add_argument("--transformer-weights", metavar="NPZ",
+                     help="transformer: weights from `nbdask train` (default: the shipped ones)")
     tst.add_argument("--test", default="wald", choices=["wald", "lrt"],
                      help="wald (default) or lrt (likelihood ratio; irls only)")
     tst.add_argument("--dispersion", default="feature", choices=["feature", "comparison", "shrunk"],
@@ -98,7 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--truth", help="the simulated cube the results came from")
     rep.add_argument("--json", action="store_true", help="print JSON")
     rep.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    trn = sub.add_parser("train", help="train the pair-set transformer (needs PyTorch)")
+    from .train.cli import add_arguments
+
+    add_arguments(trn)
     return parser
+
+
+def _train(args) -> int:
+    from .train.cli import run
+
+    return run(args)
 
 
 def _simulate(args) -> int:
@@ -155,7 +168,8 @@ def _test(args) -> int:
         results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                        fdr_scope=args.fdr_scope, dispersion=args.dispersion,
                        dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
-                       fdr_backend=args.fdr_backend, engine=args.engine)
+                       fdr_backend=args.fdr_backend, engine=args.engine,
+                       transformer_weights=args.transformer_weights)
         saved = save_results(results, args.results, overwrite=args.overwrite, resume=args.resume,
                              storage_options=so, client=client, progress=not args.no_progress)
     summary = summarize(saved)
@@ -192,7 +206,7 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _report}
+COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _report, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import xarray as xr
 
 from . import __version__
 from .dispersion import DISPERSIONS, feature_dispersion
-from .errors import OptionError
+from .errors import NbdaskWarning, OptionError
 from .fdr import BACKENDS as FDR_BACKENDS
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
@@ -48,7 +49,8 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
          fdr_scope: str = "global", dispersion: str = "feature", dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
-         fdr_backend: str = "auto", check_counts: bool = True) -> xr.Dataset:
+         fdr_backend: str = "auto", check_counts: bool = True,
+         transformer_weights: str | None = None) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -57,8 +59,9 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         Count cube following the input schema (``nbdask.open_cube`` or ``nbdask.simulate``).
         Dask-backed cubes give a lazy result; NumPy-backed cubes are computed at once.
     method
-        Estimator: ``"mom"`` (method of moments, the default) or ``"irls"`` (maximum likelihood
-        of the NB2 GLM, batched; adds ``converged`` and ``iterations``).
+        Estimator: ``"mom"`` (method of moments, the default), ``"irls"`` (maximum likelihood
+        of the NB2 GLM, batched; adds ``converged`` and ``iterations``) or ``"transformer"`` (the
+        pre-trained pair-set transformer, plug-in Wald test; see ``transformer_weights``).
     test
         ``"wald"``, or ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
     fdr, fdr_scope, fdr_backend
@@ -81,6 +84,10 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     engine
         ``"auto"`` runs the fused numba kernel on NumPy blocks and the array-API kernel on CuPy
         blocks; ``"numba"`` or ``"array"`` forces one (the results agree to rounding).
+    transformer_weights
+        ``method="transformer"``: an ``.npz`` written by ``nbdask train``; None = the weights
+        shipped in ``nbdask/weights``. A design outside their training prior (more than 10
+        or fewer than 2 replicates in a group) gets an ``NbdaskWarning``.
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed
         (a bad block fails the run with a ``CubeError``).
@@ -98,7 +105,8 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     _check_option("fdr_backend", fdr_backend, FDR_BACKENDS)
     if not 1 <= int(max_iter) <= 127 or not tol > 0:
         raise OptionError(f"max_iter={max_iter}, tol={tol}: need 1 <= max_iter <= 127 and tol > 0")
-    given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol)}
+    given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol),
+             "weights": None if transformer_weights is None else str(transformer_weights)}
     kernel_options = {k: given[k] for k in spec.options}
     if "test" in spec.options or len(spec.tests) > 1:
         kernel_options["test"] = test
@@ -107,6 +115,8 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     _check_option("dispersion", dispersion, DISPERSIONS)
     validate_structure(cube)
     design = check_small_values(cube)
+    if method == "transformer":
+        _check_transformer_design(design, given["weights"])
 
     counts = cube["counts"]
     side = _aligned_side_inputs(cube)
@@ -162,6 +172,20 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
 
 
 test.__test__ = False  # not a pytest test function
+
+
+def _check_transformer_design(design: dict, weights) -> None:
+    """Load the weights now (a bad path fails before any work) and warn on out-of-prior designs."""
+    from .kernels.transformer import MAX_REPLICATES, load_weights
+
+    load_weights(weights)
+    largest = max(design["max_replicates"], design["n_control_replicates"])
+    smallest = min(design["min_replicates"] or 2, design["n_control_replicates"])
+    if largest > MAX_REPLICATES or smallest < 2:
+        warnings.warn(f"method='transformer': groups of {smallest}-{largest} replicates, but the "
+                      f"weights were trained on 2-{MAX_REPLICATES} per group, so their estimates "
+                      "extrapolate there; method='mom' or 'irls' cover any design",
+                      NbdaskWarning, stacklevel=3)
 
 
 def _aligned_side_inputs(cube: xr.Dataset) -> list[xr.DataArray]:

@@ -2,7 +2,6 @@ import logging
 
 import numpy as np
 import pytest
-import xarray as xr
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -18,8 +17,10 @@ def client():
         yield c
 
 
-def make_cube(counts, size_factor, control_counts, control_size_factor) -> xr.Dataset:
+def make_cube(counts, size_factor, control_counts, control_size_factor):
     """A count cube Dataset from plain arrays, with string labels."""
+    import xarray as xr  # here, not at import: the training venv runs tests without xarray
+
     counts = np.asarray(counts)
     p, g, _ = counts.shape
     return xr.Dataset(
@@ -33,7 +34,7 @@ def make_cube(counts, size_factor, control_counts, control_size_factor) -> xr.Da
     )
 
 
-def edge_case_cube(seed: int = 3, p: int = 24, g: int = 20, r: int = 5, c: int = 6) -> xr.Dataset:
+def edge_case_cube(seed: int = 3, p: int = 24, g: int = 20, r: int = 5, c: int = 6):
     """Small counts with many zeros, ragged replicates, extreme size factors and special rows.
 
     Special cases: feature 0 all-zero in every group; feature 1 all-zero in the control only;

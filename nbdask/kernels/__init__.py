@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import OptionError
 from .irls import DISPERSION_FITS, irls_kernel
 from .mom import mom_kernel
+from .transformer import transformer_kernel
 
 _ESTIMATES = ("log_base_mean", "log_fold_change", "log_dispersion", "standard_error",
               "statistic", "p_value")
@@ -49,6 +50,7 @@ KERNELS = {
     "mom": Method(mom_kernel, ("wald",), fused="mom_fused"),
     "irls": Method(irls_kernel, ("wald", "lrt"), _ESTIMATES + ("converged", "iterations"),
                    {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls_fused"),
+    "transformer": Method(transformer_kernel, ("wald",), options={"weights": None}),
 }
 
-__all__ = ["DISPERSION_FITS", "ENGINES", "KERNELS", "Method", "irls_kernel", "mom_kernel"]
+__all__ = ["DISPERSION_FITS", "ENGINES", "KERNELS", "Method", "irls_kernel", "mom_kernel", "transformer_kernel"]

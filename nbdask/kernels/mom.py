@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .backend import namespaces
 from .moments import block_moments, poisson_term
-from .wald import wald_test, weight_sum
+from .wald import wald_outputs
 
 #: Floor of the shared dispersion estimate phi hat (DESeq2's minDisp).
 MIN_DISPERSION = 1e-8
@@ -52,6 +52,25 @@ def shrink_dispersion(xp, phi_comparison, weight, poisson, feature_dispersion, s
     return xp.maximum(w * phi_comparison + (1.0 - w) * feature_dispersion, MIN_DISPERSION)
 
 
+def moment_dispersion(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present, *,
+                      feature_dispersion=None, dispersion_spread=None):
+    """The dispersion phi [P_b, G_b] a Wald test uses, by the ``dispersion=`` mode.
+
+    Per comparison (no feature values): the pooled moment estimate of design §6; with
+    ``feature_dispersion`` [G_b] alone: that value; with ``dispersion_spread`` too: the comparison
+    estimate shrunk toward it (``shrink_dispersion``).
+    """
+    parts = [group_dispersion(xp, ctrl), group_dispersion(xp, trt)]
+    if feature_dispersion is None:
+        return pooled_dispersion(xp, parts)
+    if dispersion_spread is None:
+        return xp.broadcast_to(feature_dispersion, rate_t.shape)
+    weight = parts[0][1] + parts[1][1]
+    raw = (parts[0][0] * parts[0][1] + parts[1][0] * parts[1][1]) / xp.where(weight > 0, weight, 1.0)
+    a = poisson_term(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present)
+    return shrink_dispersion(xp, raw, weight, a, feature_dispersion, dispersion_spread)
+
+
 def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
                feature_dispersion=None, dispersion_spread=None):
     """MoM estimates and Wald test for every comparison of one block.
@@ -87,28 +106,9 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
     mu = xp.broadcast_to(log_rate_c, rate_t.shape)
     beta = xp.log(rate_t) - log_rate_c
 
-    parts = [group_dispersion(xp, ctrl), group_dispersion(xp, trt)]
-    phi = pooled_dispersion(xp, parts)
-    if feature_dispersion is not None and dispersion_spread is None:
-        phi = xp.broadcast_to(feature_dispersion, rate_t.shape)
-    elif feature_dispersion is not None:
-        weight = parts[0][1] + parts[1][1]
-        raw = (parts[0][0] * parts[0][1] + parts[1][0] * parts[1][1]) / xp.where(weight > 0, weight, 1.0)
-        a = poisson_term(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present)
-        phi = shrink_dispersion(xp, raw, weight, a, feature_dispersion, dispersion_spread)
-    info_c = weight_sum(xp, rate_c, phi, control_size_factor)
-    info_t = weight_sum(xp, rate_t, phi, size_factor, present)
-    se, z, p = wald_test(xp, special, beta, info_c, info_t)
-
+    phi = moment_dispersion(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present,
+                            feature_dispersion=feature_dispersion, dispersion_spread=dispersion_spread)
     no_samples = n_t == 0
     untestable = no_samples | ((ctrl.rate_mean == 0) & (trt.rate_mean == 0))
-    nan = xp.nan
-    f32 = xp.float32
-    return {
-        "log_base_mean": xp.astype(mu, f32),
-        "log_fold_change": xp.astype(xp.where(no_samples, nan, beta), f32),
-        "log_dispersion": xp.astype(xp.where(no_samples, nan, xp.log(phi)), f32),
-        "standard_error": xp.astype(xp.where(no_samples, nan, se), f32),
-        "statistic": xp.astype(xp.where(untestable, nan, z), f32),
-        "p_value": xp.where(untestable, nan, p),
-    }
+    return wald_outputs(xp, special, mu, beta, phi, rate_c, rate_t, control_size_factor, size_factor,
+                        present, no_samples=no_samples, untestable=untestable)

@@ -30,3 +30,25 @@ def wald_test(xp, special, log_fold_change, info_control, info_treated):
     z = log_fold_change / se
     p = 2.0 * special.ndtr(-xp.abs(z))
     return se, z, p
+
+
+def wald_outputs(xp, special, mu, beta, phi, rate_c, rate_t, control_size_factor, size_factor,
+                 present, *, no_samples, untestable):
+    """The estimator outputs of design §3 from (mu, beta, phi) with the plug-in Wald test.
+
+    ``rate_c`` ([G_b] or [P_b, G_b]) and ``rate_t`` [P_b, G_b] are the fitted group rates the
+    weights use; ``no_samples`` (NaN estimates) and ``untestable`` (NaN statistic and p) mask
+    comparisons without treated samples or without any signal.
+    """
+    info_c = weight_sum(xp, rate_c, phi, control_size_factor)
+    info_t = weight_sum(xp, rate_t, phi, size_factor, present)
+    se, z, p = wald_test(xp, special, beta, info_c, info_t)
+    nan, f32 = xp.nan, xp.float32
+    return {
+        "log_base_mean": xp.astype(xp.broadcast_to(mu, rate_t.shape), f32),
+        "log_fold_change": xp.astype(xp.where(no_samples, nan, beta), f32),
+        "log_dispersion": xp.astype(xp.where(no_samples, nan, xp.log(phi)), f32),
+        "standard_error": xp.astype(xp.where(no_samples, nan, se), f32),
+        "statistic": xp.astype(xp.where(untestable, nan, z), f32),
+        "p_value": xp.where(untestable, nan, p),
+    }

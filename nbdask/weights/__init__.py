@@ -1,0 +1,1 @@
+"""Shipped transformer weights (``transformer.npz``: parameters plus a ``__metadata__`` JSON record)."""
