@@ -174,8 +174,9 @@ def test_pipeline_on_a_cluster_and_through_the_cli(client, tmp_path):
     saved = nbdask.save_results(lazy, tmp_path / "res.zarr", client=client)
     direct = T.transformer_kernel(cube.counts.values, cube.size_factor.values,
                                   cube.control_counts.values, cube.control_size_factor.values)
+    # float32 network: other block shapes change BLAS summation order, not the results
     for name in ("log_base_mean", "log_fold_change", "log_dispersion", "p_value"):
-        np.testing.assert_allclose(saved[name].values, direct[name], rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(saved[name].values, direct[name], rtol=1e-4, atol=1e-6, equal_nan=True)
     assert saved.attrs["method"] == "transformer" and saved.attrs["n_tests"] > 0
     from scipy.stats import false_discovery_control
 
