@@ -67,9 +67,20 @@ def test_a_short_run_learns_checkpoints_and_resumes(tmp_path):
     assert any("steps/s" in line for line in lines)
     params, loaded = T.load_weights(out)
     assert loaded["training"]["steps"] == 120 and loaded["config"]["target_scale"]["mu"] > 0
-    assert (tmp_path / "w.npz.ckpt").exists()
+    assert (tmp_path / "w.npz.ckpt").exists() and (tmp_path / "w.json").exists()
     # resume: continue the same run to more steps from its checkpoint
     more = train(out, seed=1, steps=160, batch=128, validate_every=40, validation_size=2048,
                  threads=1, resume=True, log=lines.append)
     assert any("resumed" in line for line in lines)
     assert [c["step"] for c in more["training"]["curve"]] == [40, 80, 120, 160]
+
+
+def test_the_train_command_records_how_to_reproduce_it(tmp_path, capsys):
+    from nbdask.train.cli import main
+
+    out = tmp_path / "cmd.npz"
+    assert main(["--out", str(out), "--seed", "7", "--steps", "20", "--batch", "64",
+                 "--validate-every", "10", "--validation-size", "512", "--threads", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _, meta = T.load_weights(out)
+    assert meta["training"]["command"].startswith(f"nbdask train --out {out} --seed 7 --steps 20")

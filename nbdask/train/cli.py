@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The ``nbdask train`` command line that reproduces this run (recorded with the weights)."""
+    return (f"nbdask train --out {args.out} --seed {args.seed} --steps {args.steps} --batch {args.batch} "
+            f"--lr {args.lr} --d-model {args.d_model} --heads {args.heads} --self-layers {args.self_layers} "
+            f"--cross-layers {args.cross_layers} --validate-every {args.validate_every} "
+            f"--validation-size {args.validation_size}" + (f" --threads {args.threads}" if args.threads else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from .loop import train
@@ -35,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                  d_model=args.d_model, heads=args.heads, self_layers=args.self_layers,
                  cross_layers=args.cross_layers, validate_every=args.validate_every,
                  validation_size=args.validation_size, threads=args.threads, resume=args.resume,
-                 log=lambda line: print(line, flush=True))
+                 command=_command(args), log=lambda line: print(line, flush=True))
     t = meta["training"]
     print(f"wrote {args.out}: {meta['parameters']:,} parameters, {t['examples']:,} examples, "
           f"best validation loss {t['best_validation_loss']:.4f}, {t['seconds']:.0f} s")

@@ -48,7 +48,8 @@ def train(out: str | os.PathLike, *, seed: int = 0, steps: int = 20_000, batch: 
           lr: float = 2e-3, min_lr: float = 2e-5, weight_decay: float = 1e-4,
           d_model: int = 32, heads: int = 4, self_layers: int = 2, cross_layers: int = 1,
           head_layers: int = 3, validate_every: int = 500, validation_size: int = 8192,
-          threads: int | None = None, resume: bool = False, log=print) -> dict:
+          threads: int | None = None, resume: bool = False, command: str | None = None,
+          log=print) -> dict:
     """Train on ``steps`` x ``batch`` fresh prior draws; write ``out`` (.npz) and return its metadata.
 
     AdamW with a linear warm-up then cosine decay to ``min_lr``, gradient norm clipped at 1, L1
@@ -124,7 +125,7 @@ def train(out: str | os.PathLike, *, seed: int = 0, steps: int = 20_000, batch: 
                    "summary_features": SUMMARY_FEATURES},
         "encoding": ENCODING,
         "prior": prior.PRIOR,
-        "training": {"seed": seed, "steps": steps, "batch": batch, "examples": steps * batch,
+        "training": {"command": command, "seed": seed, "steps": steps, "batch": batch, "examples": steps * batch,
                      "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay, "loss": "L1 on standardised targets",
                      "optimizer": "AdamW, warm-up + cosine, grad-norm clip 1",
                      "best_validation_loss": best[0], "curve": curve,
@@ -139,11 +140,13 @@ def train(out: str | os.PathLike, *, seed: int = 0, steps: int = 20_000, batch: 
 
 
 def write_weights(path, params: dict, meta: dict) -> None:
-    """Write ``params`` and the JSON ``meta`` record into one ``.npz`` (atomically)."""
+    """Write ``params`` and the JSON ``meta`` record into one ``.npz`` (atomically), and the
+    record alone beside it (``.json``) for people to read."""
     path = Path(path)
+    text = json.dumps(meta, indent=1)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **params, __metadata__=np.frombuffer(
-        json.dumps(meta, indent=1).encode(), dtype=np.uint8))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    np.savez_compressed(buf, **params, __metadata__=np.frombuffer(text.encode(), dtype=np.uint8))
+    for target, data in ((path, buf.getvalue()), (path.with_suffix(".json"), text.encode())):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
