@@ -39,6 +39,54 @@ def cached_cube(perturbations: int, features: int, *, replicates=4, control_repl
     return str(path)
 
 
+INPUTS = ("counts", "size_factor", "control_counts", "control_size_factor")
+
+
+def cube_arguments(ap, *, size: int, shards: int) -> None:
+    """The options every in-memory-vs-pipeline benchmark takes: cube size, shards, workers, fits."""
+    ap.add_argument("--perturbations", type=int, default=size)
+    ap.add_argument("--features", type=int, default=size)
+    ap.add_argument("--shards", type=int, default=shards)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--statsmodels-fits", type=int, default=200)
+
+
+def loaded_cube(args):
+    """``(path, cube, arrays, head)``: the cached cube, loaded, its kernel inputs, and the inputs
+    of its first two perturbations (to compile kernels before timing)."""
+    import nbdask
+
+    path = cached_cube(args.perturbations, args.features, shards=args.shards)
+    cube = nbdask.open_cube(path).load()
+    arrays = [cube[v].values for v in INPUTS]
+    head = [x[:2] if k in (0, 1) else x for k, x in enumerate(arrays)]
+    return path, cube, arrays, head
+
+
+def pipeline_seconds(path: str, *, workers: int, warm_perturbations: int, **options) -> float:
+    """Wall time of ``nbdask.test(**options)`` + ``save_results`` Zarr -> Zarr on a fresh
+    LocalCluster, after a warm-up run on the first perturbations (compiles, loads weights)."""
+    import shutil
+    import tempfile
+
+    import nbdask
+    from distributed import Client
+    from nbdask.cluster import local_cluster
+
+    out_dir = tempfile.mkdtemp(prefix="nbdask-bench-")
+    try:
+        with local_cluster(workers=workers) as cluster, Client(cluster) as client:
+            warm = nbdask.test(nbdask.open_cube(path).isel(perturbation=slice(0, warm_perturbations)),
+                               **options)
+            warm["p_value"].data.sum().compute()
+            start = time.perf_counter()
+            nbdask.save_results(nbdask.test(nbdask.open_cube(path), **options), out_dir + "/r.zarr",
+                                client=client)
+            return time.perf_counter() - start
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def statsmodels_fits(cube, n: int = 200, seed: int = 0) -> tuple[float, int]:
     """Seconds per statsmodels discrete NegativeBinomial fit over ``n`` random comparisons."""
     from statsmodels.discrete.discrete_model import NegativeBinomial

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
-import tempfile
 import time
 import warnings
 
 import numpy as np
 
-import nbdask
-from nbdask.cluster import local_cluster
 from nbdask.kernels.fused import irls_fused
 from nbdask.kernels.irls import irls_kernel
 
-from _common import cached_cube, machine, timer
-
-INPUTS = ("counts", "size_factor", "control_counts", "control_size_factor")
+from _common import cube_arguments, loaded_cube, machine, pipeline_seconds, timer
 
 
 def statsmodels_sample(cube, out, n, seed=0):
@@ -68,40 +62,23 @@ def statsmodels_sample(cube, out, n, seed=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--perturbations", type=int, default=1000)
-    ap.add_argument("--features", type=int, default=1000)
-    ap.add_argument("--shards", type=int, default=500)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--statsmodels-fits", type=int, default=200)
+    cube_arguments(ap, size=1000, shards=500)
     ap.add_argument("--array-sample", type=int, default=100,
                     help="perturbations of the cube timed with the (slow on CPU) array-API kernel")
     args = ap.parse_args()
-    from distributed import Client
 
-    path = cached_cube(args.perturbations, args.features, shards=args.shards)
+    path, cube, a, head = loaded_cube(args)
     n = args.perturbations * args.features
-    cube = nbdask.open_cube(path).load()
-    a = [cube[v].values for v in INPUTS]
     t: dict[str, float] = {}
-    irls_fused(*(x[:2] if k in (0, 1) else x for k, x in enumerate(a)))  # compile
+    irls_fused(*head)  # compile
     with timer("fused", t):
         out = irls_fused(*a)
     sub = [a[0][:args.array_sample], a[1][:args.array_sample], a[2], a[3]]
     with timer("array", t):
         irls_kernel(*sub)
     n_sub = args.array_sample * args.features
-    out_dir = tempfile.mkdtemp(prefix="nbdask-bench-")
-    try:
-        with local_cluster(workers=args.workers) as cluster, Client(cluster) as client:
-            warm = nbdask.test(nbdask.open_cube(path).isel(perturbation=slice(0, args.shards)), method="irls",
-                               dispersion="comparison")
-            warm["p_value"].data.sum().compute()  # compile on the workers
-            with timer("pipeline", t):
-                nbdask.save_results(nbdask.test(nbdask.open_cube(path), method="irls",
-                                                dispersion="comparison"),
-                                    out_dir + "/r.zarr", client=client)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    t["pipeline"] = pipeline_seconds(path, workers=args.workers, warm_perturbations=args.shards,
+                                     method="irls", dispersion="comparison")
     per_fit, failed, compared, worst = statsmodels_sample(cube, out, args.statsmodels_fits)
     fused_per, array_per, pipe_per = t["fused"] / n, t["array"] / n_sub, t["pipeline"] / n
     print(f"nbdask IRLS benchmark ({machine()}, {args.workers} workers)")

@@ -12,40 +12,26 @@ estimator against the cube's simulated truth.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 
 import numpy as np
 
-import nbdask
-from nbdask.cluster import local_cluster
 from nbdask.kernels import transformer as T
-from nbdask.kernels.fused import mom_fused, irls_fused
+from nbdask.kernels.fused import irls_fused, mom_fused
 from nbdask.train import prior
 
-from _common import cached_cube, machine, statsmodels_fits, timer
-
-INPUTS = ("counts", "size_factor", "control_counts", "control_size_factor")
+from _common import cube_arguments, loaded_cube, machine, pipeline_seconds, statsmodels_fits, timer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--perturbations", type=int, default=400)
-    ap.add_argument("--features", type=int, default=400)
-    ap.add_argument("--shards", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--statsmodels-fits", type=int, default=200)
+    cube_arguments(ap, size=400, shards=200)
     ap.add_argument("--prior-draws", type=int, default=32768)
     args = ap.parse_args()
-    from distributed import Client
 
-    path = cached_cube(args.perturbations, args.features, shards=args.shards)
+    path, cube, a, head = loaded_cube(args)
     n = args.perturbations * args.features
-    cube = nbdask.open_cube(path).load()
-    a = [cube[v].values for v in INPUTS]
     t: dict[str, float] = {}
-    small = [x[:2] if k in (0, 1) else x for k, x in enumerate(a)]
-    mom_fused(*small), irls_fused(*small), T.transformer_kernel(*small)  # compile, load weights
+    mom_fused(*head), irls_fused(*head), T.transformer_kernel(*head)  # compile, load weights
     with timer("transformer", t):
         out = T.transformer_kernel(*a)
     with timer("mom", t):
@@ -56,18 +42,8 @@ def main() -> None:
     with timer("network", t):
         T.forward(np, params, meta["config"], enc["tokens_c"], enc["mask_c"], enc["tokens_t"],
                   enc["mask_t"], enc["summary"])
-    out_dir = tempfile.mkdtemp(prefix="nbdask-bench-")
-    try:
-        with local_cluster(workers=args.workers) as cluster, Client(cluster) as client:
-            warm = nbdask.test(nbdask.open_cube(path).isel(perturbation=slice(0, 2)),
-                               method="transformer", dispersion="comparison")
-            warm["p_value"].data.sum().compute()
-            with timer("pipeline", t):
-                nbdask.save_results(nbdask.test(nbdask.open_cube(path), method="transformer",
-                                                dispersion="comparison"),
-                                    out_dir + "/r.zarr", client=client)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    t["pipeline"] = pipeline_seconds(path, workers=args.workers, warm_perturbations=2,
+                                     method="transformer", dispersion="comparison")
     per_fit, failed = statsmodels_fits(cube, args.statsmodels_fits)
     per = {k: t[k] / n for k in ("transformer", "mom", "pipeline")}
     per["network"] = t["network"] / args.prior_draws
