@@ -155,22 +155,17 @@ def plan_buckets(bins: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.nda
     return edges, cum[edges[:-1]]
 
 
-def _bucket_order(p: np.ndarray, edges: np.ndarray):
-    """Stable order of a chunk's elements by bucket (NaN last) and the bucket sizes."""
-    flat = p.reshape(-1)
-    nan = np.isnan(flat)
-    which = np.searchsorted(edges, _keys(np.where(nan, 0.0, flat)).astype(np.int64), side="right") - 1
-    n_buckets = len(edges) - 1
-    which = np.where(nan, n_buckets, which).astype(np.int16 if n_buckets < 2**15 else np.int32)
-    order = np.argsort(which, kind="stable")  # radix sort on small integers
-    sizes = np.bincount(which, minlength=n_buckets + 1)[:n_buckets]
-    return flat, order, sizes
+def _bucket_table(edges: np.ndarray) -> np.ndarray:
+    """Bucket of every key bin: a lookup table (N_KEYS int32) for the numba split and scatter."""
+    return (np.searchsorted(edges, np.arange(N_KEYS), side="right") - 1).astype(np.int32)
 
 
 def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
     """A chunk's non-NaN p-values by bucket, each in the chunk's (C) order."""
-    flat, order, sizes = _bucket_order(p, edges)
-    grouped = flat[order[:sizes.sum()]]
+    from .fdr_fused import split_by_bucket
+
+    flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
+    grouped, sizes = split_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), len(edges) - 1)
     return np.split(grouped, np.cumsum(sizes)[:-1])
 
 
@@ -203,9 +198,14 @@ def _carry(*mins):
 
 
 def _assemble(p: np.ndarray, edges: np.ndarray, *q_pieces) -> np.ndarray:
-    flat, order, sizes = _bucket_order(p, edges)
-    q = np.full(flat.shape, np.nan)
-    q[order[:sizes.sum()]] = np.concatenate(q_pieces) if q_pieces else np.empty(0)
+    """The chunk's q-values from its per-bucket pieces (the inverse of ``_split``)."""
+    from .fdr_fused import scatter_by_bucket
+
+    flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
+    sizes = np.array([len(x) for x in q_pieces], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    grouped = np.concatenate(q_pieces) if q_pieces else np.empty(0)
+    q = scatter_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), grouped, starts)
     return q.reshape(p.shape)
 
 

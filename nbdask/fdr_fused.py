@@ -90,6 +90,48 @@ def bh_block(vals, m, offset, carry):
     return q, block_min
 
 
+@_jit
+def split_by_bucket(flat, table, shift, n_buckets):
+    """A chunk's non-NaN values grouped by bucket (each group in chunk order) and group sizes.
+
+    ``table[bits >> shift]`` is the bucket of a value: one counting pass, one placement pass.
+    """
+    n = flat.shape[0]
+    bits = flat.view(np.uint64)
+    sizes = np.zeros(n_buckets, np.int64)
+    for i in range(n):
+        if flat[i] == flat[i]:
+            sizes[table[bits[i] >> shift]] += 1
+    fill = np.zeros(n_buckets, np.int64)
+    for b in range(1, n_buckets):
+        fill[b] = fill[b - 1] + sizes[b - 1]
+    grouped = np.empty(fill[n_buckets - 1] + sizes[n_buckets - 1])
+    for i in range(n):
+        if flat[i] == flat[i]:
+            b = table[bits[i] >> shift]
+            grouped[fill[b]] = flat[i]
+            fill[b] += 1
+    return grouped, sizes
+
+
+@_jit
+def scatter_by_bucket(flat, table, shift, q_grouped, starts):
+    """Inverse of ``split_by_bucket``: q for every position of the chunk (NaN where p is NaN),
+    from the q-values grouped by bucket in chunk order, group b starting at ``starts[b]``."""
+    n = flat.shape[0]
+    bits = flat.view(np.uint64)
+    cursor = starts.copy()
+    q = np.empty(n)
+    for i in range(n):
+        if flat[i] == flat[i]:
+            b = table[bits[i] >> shift]
+            q[i] = q_grouped[cursor[b]]
+            cursor[b] += 1
+        else:
+            q[i] = np.nan
+    return q
+
+
 def bh(p: np.ndarray) -> np.ndarray:
     """Global BH q-values of an array (NaN stays NaN, not counted), via ``bh_block``."""
     flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
