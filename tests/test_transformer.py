@@ -211,3 +211,18 @@ def test_designs_outside_the_prior_warn_and_bad_weights_fail(tmp_path):
         nbdask.test(big, method="transformer", dispersion="comparison")
     with pytest.raises(OptionError, match="not found"):
         nbdask.test(big, method="transformer", transformer_weights=tmp_path / "missing.npz")
+
+
+def test_edge_cases_are_finite_where_mom_is_and_untestable_where_it_is():
+    """All-zero groups, one or no present replicate, size factors 0.01-100 (design §6 rules)."""
+    from conftest import edge_case_cube
+    from nbdask.kernels.mom import mom_kernel
+
+    cube = edge_case_cube()
+    arrays = [cube[v].values for v in ("counts", "size_factor", "control_counts", "control_size_factor")]
+    with pytest.warns(NbdaskWarning, match="mean counts"):  # the 0.01-100 size factors
+        out = T.transformer_kernel(*arrays)
+    ref = mom_kernel(*arrays)
+    for name in out:
+        assert np.array_equal(np.isnan(out[name]), np.isnan(ref[name])), name
+        assert not np.isinf(out[name]).any()
