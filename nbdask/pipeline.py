@@ -35,8 +35,9 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     size_factor = size_factor.reshape(p_b, r)
     control_counts = control_counts.reshape(g_b, -1)
     xp, _ = namespaces(counts)
-    # The fused kernels implement the per-comparison dispersion only.
-    kernel = KERNELS[method].select("array" if per_feature else engine, is_host(xp))
+    spec = KERNELS[method]
+    # Only some fused kernels implement the pooled dispersion modes.
+    kernel = spec.select("array" if per_feature and not spec.fused_pooled else engine, is_host(xp))
     options = {**options, **{n: v.reshape(g_b) for n, v in zip(per_feature_names, per_feature)}}
     if check:
         host_counts = counts if is_host(xp) else to_host(counts)

@@ -18,10 +18,17 @@ def arrays(cube):
     return [cube[v].values for v in INPUTS]
 
 
+@pytest.mark.parametrize("mode", ["comparison", "feature", "shrunk"])
 @pytest.mark.parametrize("seed", [3, 4])
-def test_mom_fused_equals_array_kernel(seed):
+def test_mom_fused_equals_array_kernel(seed, mode):
     a = arrays(edge_case_cube(seed=seed))
-    ref, got = mom_kernel(*a), fused.mom_fused(*a)
+    g = a[2].shape[0]
+    rng = np.random.default_rng(seed)
+    pooled = {"comparison": {},
+              "feature": {"feature_dispersion": rng.uniform(0.01, 1.0, g)},
+              "shrunk": {"feature_dispersion": rng.uniform(0.01, 1.0, g),
+                         "dispersion_spread": rng.uniform(0.0, 0.5, g)}}[mode]
+    ref, got = mom_kernel(*a, **pooled), fused.mom_fused(*a, **pooled)
     for k in ref:
         assert got[k].dtype == ref[k].dtype
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-12 if k == "p_value" else 1e-6, err_msg=k)
@@ -58,8 +65,9 @@ def test_irls_fused_edge_cases_match():
 
 def test_pipeline_engines_agree():
     cube = nbdask.simulate(perturbations=40, features=40, seed=2, chunks=20)
-    a = nbdask.test(cube, method="mom", engine="numba", dispersion="comparison").compute()
-    b = nbdask.test(cube, method="mom", engine="array", dispersion="comparison").compute()
-    np.testing.assert_allclose(a["p_value"].values, b["p_value"].values, rtol=1e-12)
+    for mode in ("comparison", "feature", "shrunk"):
+        a = nbdask.test(cube, method="mom", engine="numba", dispersion=mode).compute()
+        b = nbdask.test(cube, method="mom", engine="array", dispersion=mode).compute()
+        np.testing.assert_allclose(a["p_value"].values, b["p_value"].values, rtol=1e-12)
     with pytest.raises(nbdask.OptionError, match="^engine="):
         nbdask.test(cube, engine="gpu")

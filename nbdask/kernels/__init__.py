@@ -28,6 +28,7 @@ class Method:
     outputs: tuple[str, ...] = _ESTIMATES
     options: dict = field(default_factory=dict)  # option name -> default
     fused: str | None = None  # name of the numba twin in kernels.fused
+    fused_pooled: bool = False  # the twin takes feature_dispersion / dispersion_spread too
 
     def select(self, engine: str, xp_is_host: bool):
         """The kernel to run: the numba twin for host arrays unless ``engine="array"``."""
@@ -47,7 +48,7 @@ class Method:
 ENGINES = ("auto", "numba", "array")
 
 KERNELS = {
-    "mom": Method(mom_kernel, ("wald",), fused="mom_fused"),
+    "mom": Method(mom_kernel, ("wald",), fused="mom_fused", fused_pooled=True),
     "irls": Method(irls_kernel, ("wald", "lrt"), _ESTIMATES + ("converged", "iterations"),
                    {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls_fused"),
     "transformer": Method(transformer_kernel, ("wald",), options={"weights": None}),

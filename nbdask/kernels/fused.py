@@ -100,11 +100,21 @@ def _mom_one(y, l, n_c, qbar_c, s2_c, inv_c, L_c, n_t, inv_t, L_t):
         num += w * (s2_t - qbar_t * inv_t) / (qbar_t * qbar_t)
         den += w
     phi = max(num / den, MIN_DISPERSION) if den > 0 else MIN_DISPERSION
-    return rate_c, rate_t, phi, qbar_t
+    raw = num / den if den > 0 else 0.0
+    return rate_c, rate_t, phi, qbar_t, raw, den
 
 
 @_jit
-def _mom_block(counts, sf, ctrl, csf, out):
+def _shrunk(raw, weight, poisson, phi_f, spread):
+    """``mom.shrink_dispersion`` for one comparison."""
+    v = 2.0 * (phi_f + poisson) ** 2 / (weight if weight > 0 else 1.0)
+    w = spread / (spread + v) if weight > 0 else 0.0
+    return max(w * raw + (1.0 - w) * phi_f, MIN_DISPERSION)
+
+
+@_jit
+def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
+    """mode 0: per-comparison dispersion; 1: phi_f[g] (feature); 2: shrunk toward phi_f[g]."""
     P, G, R = counts.shape
     C = csf.shape[0]
     L_c = 0.0
@@ -137,7 +147,13 @@ def _mom_block(counts, sf, ctrl, csf, out):
                     inv_t += 1.0 / sf[p, r]
                     n_t += 1
             inv_t /= max(n_t, 1)
-            rate_c, rate_t, phi, qbar_t = _mom_one(y, l, C, qbar_c, s2_c, inv_c, L_c, n_t, inv_t, L_t)
+            rate_c, rate_t, phi, qbar_t, raw, den = _mom_one(y, l, C, qbar_c, s2_c, inv_c, L_c,
+                                                             n_t, inv_t, L_t)
+            if mode == 1:
+                phi = phi_f[g]
+            elif mode == 2:
+                poisson = (inv_c * C / rate_c + inv_t * n_t / rate_t) / (C + n_t)
+                phi = _shrunk(raw, den, poisson, phi_f[g], spread[g])
             mu = math.log(rate_c)
             beta = math.log(rate_t) - mu
             a = 0.0
@@ -169,17 +185,23 @@ def _mom_block(counts, sf, ctrl, csf, out):
 _MOM_NAMES = ("log_base_mean", "log_fold_change", "log_dispersion", "standard_error", "statistic")
 
 
-def _mom_arrays(counts, size_factor, control_counts, control_size_factor):
+def _mom_arrays(counts, size_factor, control_counts, control_size_factor, feature_dispersion=None,
+                dispersion_spread=None):
     p, g, _ = counts.shape
     out = np.empty((6, p, g))
+    mode = 0 if feature_dispersion is None else (1 if dispersion_spread is None else 2)
+    phi_f = np.zeros(g) if feature_dispersion is None else np.asarray(feature_dispersion, np.float64)
+    spread = np.zeros(g) if dispersion_spread is None else np.asarray(dispersion_spread, np.float64)
     _mom_block(counts, np.asarray(size_factor, np.float64), control_counts,
-               np.asarray(control_size_factor, np.float64), out)
+               np.asarray(control_size_factor, np.float64), phi_f, spread, mode, out)
     return out
 
 
-def mom_fused(counts, size_factor, control_counts, control_size_factor):
-    """Numba twin of ``mom_kernel`` (NumPy inputs only); same outputs and dtypes."""
-    out = _mom_arrays(counts, size_factor, control_counts, control_size_factor)
+def mom_fused(counts, size_factor, control_counts, control_size_factor, *,
+              feature_dispersion=None, dispersion_spread=None):
+    """Numba twin of ``mom_kernel`` (NumPy inputs only, every dispersion mode); same outputs."""
+    out = _mom_arrays(counts, size_factor, control_counts, control_size_factor,
+                      feature_dispersion, dispersion_spread)
     res = {name: out[k].astype(np.float32) for k, name in enumerate(_MOM_NAMES)}
     res["p_value"] = out[5]
     return res
