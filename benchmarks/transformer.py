@@ -39,9 +39,10 @@ def main() -> None:
     irls = irls_fused(*a)
     params, meta = T.load_weights()
     enc = prior.encode(prior.draw(np.random.default_rng(1), args.prior_draws))
-    with timer("network", t):
-        T.forward(np, params, meta["config"], enc["tokens_c"], enc["mask_c"], enc["tokens_t"],
-                  enc["mask_t"], enc["summary"])
+    keys = ("tokens_c", "mask_c", "tokens_t", "mask_t", "summary")
+    with timer("network", t):  # in the kernel's batches
+        for s in range(0, args.prior_draws, T.BATCH):
+            T.forward(np, params, meta["config"], *(enc[k][s:s + T.BATCH] for k in keys))
     t["pipeline"] = pipeline_seconds(path, workers=args.workers, warm_perturbations=2,
                                      method="transformer", dispersion="comparison")
     per_fit, failed = statsmodels_fits(cube, args.statsmodels_fits)

@@ -36,8 +36,9 @@ MAX_MEAN_COUNT = 5000.0
 TOKEN_FEATURES = 4
 SUMMARY_FEATURES = 6
 _ALPHA_CLIP = (math.log(1e-3), math.log(1e2))
-#: Comparisons per forward batch: bounds the activations to ~100 MB whatever the block size.
-BATCH = 8192
+#: Comparisons per forward batch: keeps the activations (~10 MB) in cache, whatever the block
+#: size (1,024 runs 10v10 comparisons 2x faster per comparison than 32,768 at once).
+BATCH = 1024
 WEIGHTS = "transformer.npz"
 
 
@@ -82,20 +83,33 @@ def _linear(xp, params, name, x):
     w = params[f"{name}.weight"]
     # One 2-D GEMM over all rows: a stacked matmul over [N, n, d] runs N tiny products.
     flat = xp.reshape(x, (-1, x.shape[-1]))
-    y = xp.matmul(flat, xp.permute_dims(w, (1, 0))) + params[f"{name}.bias"]
+    y = xp.matmul(flat, xp.permute_dims(w, (1, 0)))
+    y += params[f"{name}.bias"]  # in place: these activations are the memory traffic
     return xp.reshape(y, (*x.shape[:-1], w.shape[0]))
 
 
 def _layer_norm(xp, params, name, x, eps=1e-5):
-    mean = xp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    var = xp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred / xp.sqrt(var + eps) * params[f"{name}.weight"] + params[f"{name}.bias"]
+    centred = x - xp.mean(x, axis=-1, keepdims=True)
+    scale = xp.mean(centred * centred, axis=-1, keepdims=True)
+    scale += eps
+    centred /= xp.sqrt(scale)
+    centred *= params[f"{name}.weight"]
+    centred += params[f"{name}.bias"]
+    return centred
 
 
 def _gelu(xp, x):
-    # tanh form: the same function torch's gelu(approximate="tanh") computes
-    return 0.5 * x * (1.0 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"),
+    evaluated in place over two temporaries."""
+    inner = x * x
+    inner *= 0.044715 * 0.7978845608028654
+    inner += 0.7978845608028654
+    inner *= x
+    out = xp.tanh(inner)
+    out += 1.0
+    out *= x
+    out *= 0.5
+    return out
 
 
 def _attention(xp, params, name, x, context, key_mask, heads):
@@ -112,9 +126,9 @@ def _attention(xp, params, name, x, context, key_mask, heads):
     v = split(_linear(xp, params, f"{name}.v", context), n_k)
     scores = xp.matmul(q, xp.permute_dims(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(dh))
     scores = xp.where(key_mask[:, None, None, :], scores, -1e9)
-    scores = scores - xp.max(scores, axis=-1, keepdims=True)
+    scores -= xp.max(scores, axis=-1, keepdims=True)
     weights = xp.exp(scores)
-    weights = weights / xp.sum(weights, axis=-1, keepdims=True)
+    weights /= xp.sum(weights, axis=-1, keepdims=True)
     out = xp.reshape(xp.permute_dims(xp.matmul(weights, v), (0, 2, 1, 3)), (n, n_q, d))
     return _linear(xp, params, f"{name}.o", out)
 
