@@ -40,8 +40,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["mom", "irls"])
     ap.add_argument("--scale", type=int, default=5000, help="P = G of the wall-time cube")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--wall-time-only", action="store_true", help="skip the calibration/power tables")
     args = ap.parse_args()
     print(f"nbdask dispersion-mode benchmark ({machine()})")
+    if not args.wall_time_only:
+        tables(args)
+    wall_times(args)
+
+
+def tables(args) -> None:
     print(f"calibration/power cubes: {args.perturbations} x {args.features}, mean counts 0.5-20, phi 0.02-1")
     header = f"{'design':<12}{'method':<6}{'mode':<11}{'FPR.05':>8}{'FPR.01':>8}{'power':>8} | " + \
         "  ".join(f"FPR.05[{lo},{hi})" for lo, hi in BINS) + " | " + "  ".join(f"pow[{lo},{hi})" for lo, hi in BINS)
@@ -68,6 +75,8 @@ def main() -> None:
                       f"{np.mean(p1[effect] <= thr):8.4f} | " + "  ".join(f"{v:13.4f}" for v in fpr_bins)
                       + " | " + "  ".join(f"{v:10.4f}" for v in pow_bins))
 
+
+def wall_times(args) -> None:
     from distributed import Client
 
     path = cached_cube(args.scale, args.scale, shards=min(2048, args.scale))
