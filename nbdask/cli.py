@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    if args.command in ("test", "simulate", "info", "report"):
+        import distributed  # noqa: F401  (its import sets its loggers' levels; ours go after)
     for name in ("distributed", "nbdask"):
         logging.getLogger(name).setLevel(level)
     try:
