@@ -41,20 +41,29 @@ def test_pooled_modes_are_calibrated_on_null_cubes(design):
     assert rates["comparison"][0] > rates["feature"][0]
 
 
-def test_low_counts_match_the_oracle_dispersion():
-    """At mean counts 0.5–20 the Wald test itself is conservative below 2 counts: the pooled
-    dispersion does as well as the true one (within 4 SE), the per-comparison one does not."""
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_low_counts_match_the_oracle_dispersion(design):
+    """Mean counts 0.5–20: below 2 counts every Wald test here is conservative, the true
+    dispersion included (counts that small cannot reach p < 0.05 often enough). The band is
+    therefore the oracle's rate +/- 4 SE (capped above at 0.05 + 4 SE): the pooled modes must
+    sit in it; the per-comparison mode runs hot above it."""
     from nbdask.kernels.mom import mom_kernel
 
-    cube = null_cube(3, 3, 0.0, base_mean=(0.5, 20), seed=4)
+    cube = null_cube(*DESIGNS[design], base_mean=(0.5, 20), seed=4)
     arrays = [cube[v].values for v in ("counts", "size_factor", "control_counts", "control_size_factor")]
     oracle = mom_kernel(*arrays, feature_dispersion=np.exp(cube["true_log_dispersion"].values.astype(float)))
-    p_oracle = oracle["p_value"]
-    p_feature = nbdask.test(cube, dispersion="feature", fdr="none")["p_value"].values
-    per_feature = np.nanmean(p_feature < 0.05, axis=0)
-    se = np.nanstd(per_feature, ddof=1) / math.sqrt(per_feature.size)
-    assert abs(np.nanmean(p_feature < 0.05) - np.nanmean(p_oracle < 0.05)) <= 4 * se
-    assert np.nanmean(p_feature < 0.05) <= 0.06
+    rate_oracle = float(np.nanmean(oracle["p_value"] < 0.05))
+    rates = {}
+    for mode in ("feature", "shrunk", "comparison"):
+        p = nbdask.test(cube, dispersion=mode, fdr="none")["p_value"].values
+        per_feature = np.nanmean(p < 0.05, axis=0)
+        rates[mode] = (float(np.nanmean(p < 0.05)), np.nanstd(per_feature, ddof=1) / math.sqrt(per_feature.size))
+    print(f"\n{design}, means 0.5-20: oracle {rate_oracle:.4f}, " +
+          ", ".join(f"{m} {r:.4f} (SE {se:.4f})" for m, (r, se) in rates.items()))
+    for mode in ("feature", "shrunk"):
+        rate, se = rates[mode]
+        assert abs(rate - rate_oracle) <= 4 * se and rate <= 0.05 + 4 * se, (mode, rate, rate_oracle)
+    assert rates["comparison"][0] > rate_oracle + 4 * rates["comparison"][1]
 
 
 def effect_cube(seed=5):
