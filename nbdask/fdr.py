@@ -92,15 +92,14 @@ def _keys(p: np.ndarray) -> np.ndarray:
 
 def _chunk_counts(p: np.ndarray) -> np.ndarray:
     """Counts per key bin (N_KEYS), then per lambda of p >= lambda, then the NaN count."""
-    p = p.reshape(-1)
-    ok = ~np.isnan(p)
-    vals = p[ok]
-    if vals.size and (vals.min() < 0 or vals.max() > 1):
+    from .fdr_fused import chunk_counts
+
+    flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
+    bins, below, n_nan = chunk_counts(flat, np.uint64(SHIFT), N_KEYS, LAMBDAS)
+    if n_nan < 0:
         raise ValueError("p_value: values outside [0, 1]; BH needs p-values")
-    bins = np.bincount(_keys(vals).astype(np.int64), minlength=N_KEYS)
-    below = np.bincount(np.searchsorted(LAMBDAS, vals, side="right"), minlength=len(LAMBDAS) + 1)
-    storey = vals.size - np.cumsum(below)[:-1]  # count of p >= lambda_j
-    return np.concatenate([bins, storey, [p.size - vals.size]]).astype(np.int64)
+    storey = (flat.size - n_nan) - np.cumsum(below)[:-1]  # count of p >= lambda_j
+    return np.concatenate([bins, storey, [n_nan]]).astype(np.int64)
 
 
 def counts_graph(p):

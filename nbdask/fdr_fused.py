@@ -132,6 +132,33 @@ def scatter_by_bucket(flat, table, shift, q_grouped, starts):
     return q
 
 
+@_jit
+def chunk_counts(flat, shift, n_keys, lambdas):
+    """One pass over a chunk's p-values: counts per key bin (bits >> shift), counts by how many
+    of ``lambdas`` (ascending) are <= p, and the NaN count. Returns ``(bins, below, n_nan)``;
+    ``n_nan`` is -1 when a value lies outside [0, 1]."""
+    bins = np.zeros(n_keys, np.int64)
+    k = lambdas.shape[0]
+    below = np.zeros(k + 1, np.int64)
+    bits = flat.view(np.uint64)
+    n_nan = 0
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        if v != v:
+            n_nan += 1
+            continue
+        if v < 0.0 or v > 1.0:
+            return bins, below, -1
+        bins[bits[i] >> shift] += 1
+        j = min(int(v * k), k)  # a guess at #(lambdas <= v), then corrected exactly
+        while j < k and lambdas[j] <= v:
+            j += 1
+        while j > 0 and lambdas[j - 1] > v:
+            j -= 1
+        below[j] += 1
+    return bins, below, n_nan
+
+
 def bh(p: np.ndarray) -> np.ndarray:
     """Global BH q-values of an array (NaN stays NaN, not counted), via ``bh_block``."""
     flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
