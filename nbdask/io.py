@@ -313,7 +313,7 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                     final.update(q.attrs)
                     q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
                         results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
-                    counts.update(_write(active, q_ds, store, "a", grid, progress))
+                    counts.update(_write_q(active, q_ds, store, grid, progress))
     except BaseException as err:
         _mark_failed(url, storage_options, err)
         if _is_store_failure(err):
@@ -406,19 +406,33 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
     return (total if len(todo) == done.size else None), len(todo)
 
 
-def _write(client, ds: xr.Dataset, store, mode: str, grid: dict, progress: bool) -> dict:
-    """Write ``ds`` and compute its summary counts in one graph on ``client``."""
+def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dict:
+    """Pass 2: one task per block writes its q-values and counts q < 0.05 and q < 0.1.
+
+    The counts come back from the writing tasks themselves: a separate reduction over q (a
+    second collection beside ``to_zarr``'s) made dask run the whole FDR graph twice.
+    """
+    import dask.array as da
+
     from .cluster import show_progress
 
-    delayed = ds.to_zarr(store, mode=mode, zarr_format=3, consolidated=False, compute=False,
-                         encoding=_encoding(ds, grid))
-    summary = _summary_reductions(ds)
-    # One graph: optimising the collections separately would rename shared keys and run the
-    # kernels twice.
-    futures = client.compute([delayed, *summary.values()], optimize_graph=False)
+    q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
+                 encoding=_encoding(q_ds, grid))  # the array's metadata only
+    q = q_ds["q_value"].data
+    written = da.map_blocks(_store_q_block, q, store=store,
+                            chunks=(tuple(1 for _ in q.chunks[0]), tuple(1 for _ in q.chunks[1]), (2,)),
+                            new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
+    future = client.compute(written.sum(axis=(0, 1)))
     if progress:
-        show_progress(futures)
-    return {k: int(v) for k, v in zip(summary, client.gather(futures)[1:])}
+        show_progress(future)
+    n05, n10 = (int(v) for v in client.gather(future))
+    return {"n_significant_q05": n05, "n_significant_q10": n10}
+
+
+def _store_q_block(q, *, store, block_info=None):
+    region = tuple(slice(start, stop) for start, stop in block_info[0]["array-location"])
+    zarr.open_group(store, mode="r+")["q_value"][region] = q
+    return np.array([(q < 0.05).sum(), (q < 0.1).sum()], dtype=np.int64)[None, None, :]
 
 
 def _summary_reductions(results: xr.Dataset) -> dict:
