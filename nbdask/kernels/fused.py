@@ -76,15 +76,15 @@ def _psi_diffs(y, r):
 # --------------------------------------------------------------------------- MoM
 
 @_jit
-def _mom_one(y, l, n_c, qbar_c, s2_c, inv_c, L_c, n_t, inv_t, L_t):
-    """MoM estimates for one comparison; y/l hold the treated samples (present only)."""
+def _mom_one(q, n_c, qbar_c, s2_c, inv_c, L_c, n_t, inv_t, L_t):
+    """MoM estimates for one comparison; q holds the treated rates y_i / l_i (present only)."""
     qbar_t = 0.0
     for i in range(n_t):
-        qbar_t += y[i] / l[i]
+        qbar_t += q[i]
     qbar_t = qbar_t / max(n_t, 1)
     s2_t = 0.0
     for i in range(n_t):
-        d = y[i] / l[i] - qbar_t
+        d = q[i] - qbar_t
         s2_t += d * d
     s2_t = s2_t / max(n_t - 1.0, 1.0)
     rate_c = qbar_c if qbar_c > 0 else ZERO_GROUP_COUNT / L_c
@@ -123,8 +123,10 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
         L_c += csf[j]
         inv_c += 1.0 / csf[j]
     inv_c /= C
-    y = np.empty(R)
-    l = np.empty(R)
+    # Control statistics per feature, then perturbation-outer loops: each perturbation's
+    # present replicates and 1/l are found once, and counts[p, g, :] is read in memory order.
+    qbar_cs = np.empty(G)
+    s2_cs = np.empty(G)
     for g in range(G):
         qbar_c = 0.0
         for j in range(C):
@@ -134,20 +136,31 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
         for j in range(C):
             d = ctrl[g, j] / csf[j] - qbar_c
             s2_c += d * d
-        s2_c /= max(C - 1.0, 1.0)
-        for p in range(P):
-            n_t = 0
-            L_t = 0.0
-            inv_t = 0.0
-            for r in range(R):
-                if math.isfinite(sf[p, r]):
-                    y[n_t] = counts[p, g, r]
-                    l[n_t] = sf[p, r]
-                    L_t += sf[p, r]
-                    inv_t += 1.0 / sf[p, r]
-                    n_t += 1
-            inv_t /= max(n_t, 1)
-            rate_c, rate_t, phi, qbar_t, raw, den = _mom_one(y, l, C, qbar_c, s2_c, inv_c, L_c,
+        qbar_cs[g] = qbar_c
+        s2_cs[g] = s2_c / max(C - 1.0, 1.0)
+    q = np.empty(R)
+    l = np.empty(R)
+    inv_l = np.empty(R)
+    keep = np.empty(R, np.int64)
+    for p in range(P):
+        n_t = 0
+        L_t = 0.0
+        inv_t = 0.0
+        for r in range(R):
+            if math.isfinite(sf[p, r]):
+                keep[n_t] = r
+                l[n_t] = sf[p, r]
+                inv_l[n_t] = 1.0 / sf[p, r]
+                L_t += sf[p, r]
+                inv_t += inv_l[n_t]
+                n_t += 1
+        inv_t /= max(n_t, 1)
+        for g in range(G):
+            qbar_c = qbar_cs[g]
+            s2_c = s2_cs[g]
+            for i in range(n_t):
+                q[i] = counts[p, g, keep[i]] / l[i]
+            rate_c, rate_t, phi, qbar_t, raw, den = _mom_one(q, C, qbar_c, s2_c, inv_c, L_c,
                                                              n_t, inv_t, L_t)
             if mode == 1:
                 phi = phi_f[g]
