@@ -1,7 +1,8 @@
 """Numba BH core: exact q-values of a block of p-values without a full comparison sort.
 
-The p-values are first bucketed by their leading IEEE-754 bits (a counting sort, O(n)), then
-each small bucket is sorted by insertion (or quicksort when large). Ranks, the running minimum
+The p-values are ordered by two counting-sort levels on their IEEE-754 bits (O(n): ~2048
+coarse bins, then each coarse bin into bins of ~4 values), finished by insertion sorts (or
+quicksort where many values share a bin). Ranks, the running minimum
 and the scatter back are single passes. The arithmetic is that of ``fdr.bh``,
 ``min(1, min_{t' >= t} (m / F(t')) * t')``, so the results are bit-identical.
 """
@@ -34,6 +35,41 @@ def _sort_segment(sv, idx, lo, hi):
         idx[j] = cur
 
 
+#: Bins of the first counting-sort level: few enough write streams to stay in cache.
+_COARSE_BINS = 2048
+
+
+@_jit
+def _partition(sv_in, idx_in, lo, hi, sv_out, idx_out, target):
+    """Stable counting sort of positions [lo, hi) by their leading bits into about ``target``
+    bins of [min, max] (same positions of the out arrays); returns the absolute bin bounds."""
+    bits = sv_in.view(np.uint64)
+    kmin = bits[lo]
+    kmax = bits[lo]
+    for i in range(lo + 1, hi):
+        kmin = min(kmin, bits[i])
+        kmax = max(kmax, bits[i])
+    span = kmax - kmin
+    shift = 0
+    while (span >> np.uint64(shift)) >= target:
+        shift += 1
+    n_bins = int(span >> np.uint64(shift)) + 1
+    bounds = np.zeros(n_bins + 1, np.int64)
+    for i in range(lo, hi):
+        bounds[int((bits[i] - kmin) >> np.uint64(shift)) + 1] += 1
+    bounds[0] = lo
+    for b in range(n_bins):
+        bounds[b + 1] += bounds[b]
+    fill = bounds[:-1].copy()
+    for i in range(lo, hi):
+        b = int((bits[i] - kmin) >> np.uint64(shift))
+        k = fill[b]
+        sv_out[k] = sv_in[i]
+        idx_out[k] = idx_in[i]
+        fill[b] = k + 1
+    return bounds
+
+
 @_jit
 def bh_block(vals, m, offset, carry):
     """q-values of ``vals`` (no NaN), ranks offset by ``offset``, running min capped by ``carry``.
@@ -44,31 +80,27 @@ def bh_block(vals, m, offset, carry):
     q = np.empty(n)
     if n == 0:
         return q, np.inf
-    bits = vals.view(np.uint64)
-    lo_bits = bits.min()
-    span = bits.max() - lo_bits
-    shift = 0
-    target = max(n // 4, 1)
-    while (span >> np.uint64(shift)) > target:
-        shift += 1
-    n_bins = int(span >> np.uint64(shift)) + 1
-    counts = np.zeros(n_bins + 1, np.int64)
-    for i in range(n):
-        counts[int((bits[i] - lo_bits) >> np.uint64(shift)) + 1] += 1
-    for b in range(n_bins):
-        counts[b + 1] += counts[b]
-    idx = np.empty(n, np.int64)
+    # Two counting-sort levels on the IEEE-754 bits: ~2048 coarse bins first (few write
+    # streams), then each coarse bin, now cache-sized, into ~4-value bins finished by insertion.
+    idx_a = np.arange(n)
+    sv_b = np.empty(n)
+    idx_b = np.empty(n, np.int64)
+    coarse = _partition(vals, idx_a, 0, n, sv_b, idx_b, _COARSE_BINS)
     sv = np.empty(n)
-    fill = counts[:-1].copy()
-    for i in range(n):
-        b = int((bits[i] - lo_bits) >> np.uint64(shift))
-        k = fill[b]
-        idx[k] = i
-        sv[k] = vals[i]
-        fill[b] = k + 1
-    for b in range(n_bins):
-        if counts[b + 1] - counts[b] > 1:
-            _sort_segment(sv, idx, counts[b], counts[b + 1])
+    idx = np.empty(n, np.int64)
+    for c in range(coarse.shape[0] - 1):
+        lo, hi = coarse[c], coarse[c + 1]
+        if hi - lo <= 32:
+            for k in range(lo, hi):
+                sv[k] = sv_b[k]
+                idx[k] = idx_b[k]
+            if hi - lo > 1:
+                _sort_segment(sv, idx, lo, hi)
+            continue
+        fine = _partition(sv_b, idx_b, lo, hi, sv, idx, max((hi - lo) // 4, 1))
+        for f in range(fine.shape[0] - 1):
+            if fine[f + 1] - fine[f] > 1:
+                _sort_segment(sv, idx, fine[f], fine[f + 1])
     # From the top: F is the rank of the last of a run of ties (R's "right" edge).
     running = carry
     block_min = np.inf
