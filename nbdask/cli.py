@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     if args.command in ("test", "simulate", "info", "report"):
-        import distributed  # noqa: F401  (its import sets its loggers' levels; ours go after)
+        importlib.import_module("distributed")  # its import sets its loggers' levels; ours go after
     for name in ("distributed", "nbdask"):
         logging.getLogger(name).setLevel(level)
     try:
