@@ -34,11 +34,13 @@ All sums decompose over perturbation blocks, so the pass is one map-reduce over 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .kernels.backend import namespaces, to_host
+from .kernels.backend import is_host, namespaces, to_host
 from .kernels.moments import block_moments, group_moments, poisson_term
 from .kernels.mom import MIN_DISPERSION, group_rates
 from .schema import FEATURE, host_values
@@ -67,8 +69,22 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
     """Partial per-feature sums of one block: array [len(SUMS), G_b] (float64)."""
     xp, _ = namespaces(counts, size_factor, control_counts, control_size_factor)
     f64 = xp.float64
-    size_factor, control_size_factor, present, ctrl, trt = block_moments(
-        xp, counts, size_factor, control_counts, control_size_factor)
+    fused = _fused(xp)
+    if fused is None:
+        size_factor, control_size_factor, present, ctrl, trt = block_moments(
+            xp, counts, size_factor, control_counts, control_size_factor)
+    else:  # the same moments without [P_b, G_b, R] temporaries
+        size_factor = xp.astype(size_factor, f64)
+        control_size_factor = xp.astype(control_size_factor, f64)
+        present = xp.isfinite(size_factor)
+        ctrl = group_moments(xp, control_counts, control_size_factor,
+                             xp.ones(control_size_factor.shape, dtype=xp.bool))
+        per_perturbation = group_moments(xp, xp.zeros(present.shape, dtype=f64)[:, None, :],
+                                         size_factor[:, None, :], present[:, None, :])
+        rate_mean = np.empty(counts.shape[:2])
+        rate_var = np.empty(counts.shape[:2])
+        fused.treated_rate_moments(counts, size_factor, rate_mean, rate_var)
+        trt = replace(per_perturbation, rate_mean=rate_mean, rate_var=rate_var)
 
     def contributions(m):
         w = xp.maximum(m.n - 1.0, 0.0)
@@ -77,10 +93,21 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
 
     num_c, den_c = contributions(ctrl)
     num_t, den_t = contributions(trt)  # [P_b, G_b]
-    sf = xp.where(present, size_factor, 1.0)[:, None, :]
-    rate = xp.where(present[:, None, :], xp.astype(counts, f64) / sf, 0.0)
-    qbar = trt.rate_mean[..., None]
-    dev2 = (rate - qbar) ** 2
+    if fused is None:
+        sf = xp.where(present, size_factor, 1.0)[:, None, :]
+        rate = xp.where(present[:, None, :], xp.astype(counts, f64) / sf, 0.0)
+        qbar = trt.rate_mean[..., None]
+        dev2 = (rate - qbar) ** 2
+
+    def pearson_statistics(est):
+        """Each treated group's Pearson statistic under the feature dispersions ``est``."""
+        if fused is not None:
+            out = np.empty(counts.shape[:2])
+            fused.pearson_statistics(counts, size_factor, trt.rate_mean, est, out)
+            return out
+        var = qbar / sf + est[None, :, None] * qbar * qbar
+        return xp.sum(xp.where(present[:, None, :], dev2 / xp.where(var > 0, var, 1.0), 0.0), axis=-1)
+
     n_t = trt.n  # [P_b, 1]
     df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
     limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=f64), xp.reshape(df_index, (-1,))), n_t.shape)
@@ -89,9 +116,7 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
     for _ in range(OUTLIER_ROUNDS):
         est = _pooled(xp, xp.sum(xp.where(keep, num_t, 0.0), axis=0) + num_c,
                       xp.sum(xp.where(keep, den_t, 0.0), axis=0) + den_c)
-        var = qbar / sf + est[None, :, None] * qbar * qbar
-        pearson = xp.sum(xp.where(present[:, None, :], dev2 / xp.where(var > 0, var, 1.0), 0.0),
-                         axis=-1)
+        pearson = pearson_statistics(est)
         keep = valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
     outliers = valid & ~keep
 
@@ -117,6 +142,17 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
         xp.sum(xp.astype(comp, f64), axis=0),
     ]
     return xp.stack([xp.broadcast_to(r, rows[0].shape) for r in rows])
+
+
+def _fused(xp):
+    """The numba helpers for host blocks (None for CuPy or without numba)."""
+    if not is_host(xp):
+        return None
+    try:
+        from .kernels import fused
+    except ImportError:
+        return None
+    return fused
 
 
 def _wild_perturbations(xp, pearson, n_t, valid):

@@ -512,3 +512,48 @@ def irls_fused(counts, size_factor, control_counts, control_size_factor, *, test
     res["converged"] = conv
     res["iterations"] = iters
     return res
+
+
+# --------------------------------------------------------------------------- pooling pass
+
+@_jit
+def treated_rate_moments(counts, sf, rate_mean, rate_var):
+    """Fill [P, G] rate means and variances (ddof 1; 0 below two replicates) of the treated
+    groups over present replicates, as ``moments.group_moments`` defines them."""
+    P, G, R = counts.shape
+    keep = np.empty(R, np.int64)
+    for p in range(P):
+        n = 0
+        for r in range(R):
+            if math.isfinite(sf[p, r]):
+                keep[n] = r
+                n += 1
+        for g in range(G):
+            total = 0.0
+            for i in range(n):
+                total += counts[p, g, keep[i]] / sf[p, keep[i]]
+            mean = total / max(n, 1)
+            dev = 0.0
+            for i in range(n):
+                d = counts[p, g, keep[i]] / sf[p, keep[i]] - mean
+                dev += d * d
+            rate_mean[p, g] = mean
+            rate_var[p, g] = dev / max(n - 1.0, 1.0)
+
+
+@_jit
+def pearson_statistics(counts, sf, rate_mean, est, out):
+    """out[p, g] = sum over present i of (q_i - qbar)^2 / (qbar / l_i + est_g qbar^2) (a zero
+    variance counts as 1), the treated groups' Pearson statistics under dispersions ``est``."""
+    P, G, R = counts.shape
+    for p in range(P):
+        for g in range(G):
+            qbar = rate_mean[p, g]
+            total = 0.0
+            for r in range(R):
+                l = sf[p, r]
+                if math.isfinite(l):
+                    d = counts[p, g, r] / l - qbar
+                    var = qbar / l + est[g] * qbar * qbar
+                    total += d * d / (var if var > 0 else 1.0)
+            out[p, g] = total
