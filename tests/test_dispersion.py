@@ -164,3 +164,15 @@ def test_pooled_modes_in_results_and_irls(tmp_path, client):
     # IRLS with a feature dispersion: phi is fixed at the pooled value for every comparison
     np.testing.assert_allclose(res["log_dispersion"].values[tested],
                                np.broadcast_to(fld, tested.shape)[tested], rtol=1e-6)
+
+
+def test_pooling_sums_fused_equal_array(monkeypatch):
+    """The numba moments/Pearson helpers give the array-API pooling pass's sums."""
+    from nbdask import dispersion
+
+    cube = nbdask.simulate(perturbations=120, features=90, replicates=5, control_replicates=4,
+                           ragged_fraction=0.4, effect_fraction=0.2, seed=21, chunks=120).load()
+    arrays = [cube[v].values for v in ("counts", "size_factor", "control_counts", "control_size_factor")]
+    fused = dispersion.feature_sums(*arrays)
+    monkeypatch.setattr(dispersion, "_fused", lambda xp: None)
+    np.testing.assert_allclose(fused, dispersion.feature_sums(*arrays), rtol=1e-12, atol=0)
