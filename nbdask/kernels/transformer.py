@@ -227,8 +227,8 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
     Same contract and outputs as ``mom_kernel``. The Wald test uses the network's dispersion
     (``dispersion="comparison"``) or the feature's pooled/shrunk value where given, like MoM.
     ``weights``: path of an ``.npz`` from ``nbdask train``; None = the shipped weights.
-    Warns (``NbdaskWarning``) where a block has more than MAX_REPLICATES replicates in a group or
-    mean counts beyond MAX_MEAN_COUNT: the network extrapolates there.
+    Warns (``NbdaskWarning``) where a block has mean counts beyond MAX_MEAN_COUNT, where the
+    network extrapolates (``nbdask.test`` warns on designs outside 2-MAX_REPLICATES replicates).
     """
     xp, special = namespaces(counts, size_factor, control_counts, control_size_factor)
     params, meta = load_weights(weights, xp)
@@ -250,7 +250,7 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
 
     out = []
     step = max(1, BATCH // max(g_b, 1))
-    for start in range(0, p_b, step):  # batches of comparisons, to bound the activations
+    for start in range(0, p_b, step):  # cache-sized batches of comparisons (BATCH)
         stop = min(start + step, p_b)
         n = (stop - start) * g_b
         t = xp.reshape(tokens_t[start:stop], (n, r, TOKEN_FEATURES))
