@@ -86,10 +86,6 @@ def _running_min(h: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- pass 1: counts
 
-def _keys(p: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(p, dtype=np.float64).view(np.uint64) >> np.uint64(SHIFT)
-
-
 def _chunk_counts(p: np.ndarray) -> np.ndarray:
     """Counts per key bin (N_KEYS), then per lambda of p >= lambda, then the NaN count."""
     from .fdr_fused import chunk_counts

@@ -361,12 +361,8 @@ def _store_block(*blocks, store, names, block_info=None):
     """
     from .fdr import _chunk_counts
 
-    info = block_info[0]
-    region = tuple(slice(start, stop) for start, stop in info["array-location"])
-    group = zarr.open_group(store, mode="r+")
-    for name, block in zip(names, blocks):
-        group[name][region] = block
-    group[DONE_ARRAY][tuple(info["chunk-location"])] = True  # last: done once all arrays are
+    group = _write_region(store, names, blocks, block_info[0])
+    group[DONE_ARRAY][tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
     return _chunk_counts(blocks[names.index("p_value")])[None, None, :]
 
 
@@ -429,9 +425,17 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
     return {"n_significant_q05": n05, "n_significant_q10": n10}
 
 
+def _write_region(store, names, blocks, info):
+    """Write each block into its array's region (``info``: dask's block_info entry); the group."""
+    region = tuple(slice(start, stop) for start, stop in info["array-location"])
+    group = zarr.open_group(store, mode="r+")
+    for name, block in zip(names, blocks):
+        group[name][region] = block
+    return group
+
+
 def _store_q_block(q, *, store, block_info=None):
-    region = tuple(slice(start, stop) for start, stop in block_info[0]["array-location"])
-    zarr.open_group(store, mode="r+")["q_value"][region] = q
+    _write_region(store, ["q_value"], [q], block_info[0])
     return np.array([(q < 0.05).sum(), (q < 0.1).sum()], dtype=np.int64)[None, None, :]
 
 

@@ -99,7 +99,6 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
     # Control statistics: once per feature block, broadcast over perturbations.
     size_factor, control_size_factor, present, ctrl, trt = block_moments(
         xp, counts, size_factor, control_counts, control_size_factor)
-    n_t = trt.n  # [P_b, 1]
 
     rate_c, rate_t = group_rates(xp, ctrl, trt)
     log_rate_c = xp.log(rate_c)
@@ -108,7 +107,5 @@ def mom_kernel(counts, size_factor, control_counts, control_size_factor, *,
 
     phi = moment_dispersion(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor, present,
                             feature_dispersion=feature_dispersion, dispersion_spread=dispersion_spread)
-    no_samples = n_t == 0
-    untestable = no_samples | ((ctrl.rate_mean == 0) & (trt.rate_mean == 0))
     return wald_outputs(xp, special, mu, beta, phi, rate_c, rate_t, control_size_factor, size_factor,
-                        present, no_samples=no_samples, untestable=untestable)
+                        present, ctrl, trt)

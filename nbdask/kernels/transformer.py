@@ -270,10 +270,8 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
         phi = moment_dispersion(xp, ctrl, trt, rate_c, rate_t, control_size_factor, size_factor,
                                 present, feature_dispersion=feature_dispersion,
                                 dispersion_spread=dispersion_spread)
-    no_samples = trt.n == 0
-    untestable = no_samples | ((ctrl.rate_mean == 0) & (trt.rate_mean == 0))
     return wald_outputs(xp, special, mu, beta, phi, xp.exp(mu), xp.exp(mu + beta), control_size_factor,
-                        size_factor, present, no_samples=no_samples, untestable=untestable)
+                        size_factor, present, ctrl, trt)
 
 
 def _warn_out_of_range(xp, ctrl, trt) -> None:

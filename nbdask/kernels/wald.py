@@ -33,13 +33,15 @@ def wald_test(xp, special, log_fold_change, info_control, info_treated):
 
 
 def wald_outputs(xp, special, mu, beta, phi, rate_c, rate_t, control_size_factor, size_factor,
-                 present, *, no_samples, untestable):
+                 present, ctrl, trt):
     """The estimator outputs of design §3 from (mu, beta, phi) with the plug-in Wald test.
 
     ``rate_c`` ([G_b] or [P_b, G_b]) and ``rate_t`` [P_b, G_b] are the fitted group rates the
-    weights use; ``no_samples`` (NaN estimates) and ``untestable`` (NaN statistic and p) mask
-    comparisons without treated samples or without any signal.
+    weights use. From the group moments ``ctrl`` and ``trt``: a comparison without treated
+    samples gets NaN estimates, and one whose groups are both all zero NaN statistic and p.
     """
+    no_samples = trt.n == 0
+    untestable = no_samples | ((ctrl.rate_mean == 0) & (trt.rate_mean == 0))
     info_c = weight_sum(xp, rate_c, phi, control_size_factor)
     info_t = weight_sum(xp, rate_t, phi, size_factor, present)
     se, z, p = wald_test(xp, special, beta, info_c, info_t)
