@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                           "transformer: the pre-trained pair-set transformer")
     tst.add_argument("--transformer-weights", metavar="NPZ",
                      help="transformer: weights from `nbdask train` (default: the shipped ones)")
-    tst.add_argument("--test", default="wald", choices=["wald", "lrt"],
-                     help="wald (default) or lrt (likelihood ratio; irls only)")
+    tst.add_argument("--test", default="auto", choices=["auto", "exact", "wald", "lrt"],
+                     help="auto (default: conditional exact test where a comparison's total count "
+                          "is <= 32, Wald elsewhere), exact (everywhere), wald, or lrt (irls only)")
     tst.add_argument("--dispersion", default="feature", choices=["feature", "comparison", "shrunk"],
                      help="pooled per feature (default), per comparison (the paper's), or shrunk")
     tst.add_argument("--dispersion-fit", default="ml", choices=["ml", "cox-reid"],

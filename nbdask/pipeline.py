@@ -16,6 +16,7 @@ from .fdr import BACKENDS as FDR_BACKENDS
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
+from .kernels.exact import CONDITIONAL_TESTS, conditional_outputs
 from .schema import (CONTROL_REPLICATE, FEATURE, OUTPUTS, PERTURBATION, REPLICATE,
                      check_count_block, check_small_values, validate_structure)
 
@@ -29,7 +30,7 @@ def _check_option(name: str, value, allowed) -> None:
 
 
 def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature,
-           *per_feature, method, engine, names, check, options, per_feature_names):
+           *per_feature, method, engine, names, check, options, per_feature_names, conditional):
     """Run the method's kernel on one block as apply_ufunc hands it over (singleton axes)."""
     p_b, g_b, r = counts.shape
     size_factor = size_factor.reshape(p_b, r)
@@ -44,10 +45,13 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
         check_count_block(host_counts, to_host(size_factor),
                           np.asarray(perturbation).reshape(p_b), np.asarray(feature).reshape(g_b))
     out = kernel(counts, size_factor, control_counts, control_size_factor, **options)
+    if conditional is not None:
+        out = conditional_outputs(out, counts, size_factor, control_counts, control_size_factor,
+                                  test=conditional, engine=engine)
     return tuple(out[name] for name in names)
 
 
-def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str = "bh",
+def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str = "bh",
          fdr_scope: str = "global", dispersion: str = "feature", dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
          fdr_backend: str = "auto", check_counts: bool = True,
@@ -64,7 +68,10 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         of the NB2 GLM, batched; adds ``converged`` and ``iterations``) or ``"transformer"`` (the
         pre-trained pair-set transformer, plug-in Wald test; see ``transformer_weights``).
     test
-        ``"wald"``, or ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
+        ``"auto"`` (default): the conditional exact test (mid-p, at the comparison's dispersion;
+        see ``nbdask.kernels.exact``) where the comparison's total count is at most 32, the
+        method's Wald test elsewhere; ``"exact"``: the exact test everywhere; ``"wald"``; or
+        ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
     fdr, fdr_scope, fdr_backend
         ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics), ``"storey"`` (pi0 x BH,
         global scope) or ``"none"``; over all comparisons (``"global"``) or within each
@@ -100,7 +107,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     """
     _check_option("method", method, KERNELS)
     spec = KERNELS[method]
-    _check_option("test", test, spec.tests)
+    _check_option("test", test, spec.tests + CONDITIONAL_TESTS)
     _check_option("dispersion_fit", dispersion_fit, DISPERSION_FITS)
     _check_option("engine", engine, ENGINES)
     _check_option("fdr_backend", fdr_backend, FDR_BACKENDS)
@@ -109,8 +116,9 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     given = {"test": test, "dispersion_fit": dispersion_fit, "max_iter": int(max_iter), "tol": float(tol),
              "weights": None if transformer_weights is None else str(transformer_weights)}
     kernel_options = {k: given[k] for k in spec.options}
-    if "test" in spec.options or len(spec.tests) > 1:
-        kernel_options["test"] = test
+    if len(spec.tests) > 1:
+        # The conditional tests replace the kernel's Wald p-values after it runs (in _block).
+        kernel_options["test"] = test if test in spec.tests else "wald"
     _check_option("fdr", fdr, FDR_METHODS)
     _check_option("fdr_scope", fdr_scope, FDR_SCOPES)
     _check_option("dispersion", dispersion, DISPERSIONS)
@@ -141,7 +149,8 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
         dask="parallelized",
         output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
         kwargs={"method": method, "engine": engine, "names": names, "check": check_counts,
-                "options": kernel_options, "per_feature_names": per_feature_names},
+                "options": kernel_options, "per_feature_names": per_feature_names,
+                "conditional": test if test in CONDITIONAL_TESTS else None},
     )
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}
     results = xr.Dataset(
@@ -155,8 +164,8 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "wald", fdr: str 
     if fdr != "none":
         q = adjust(results["p_value"], method=fdr, scope=fdr_scope, backend="gather")
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())
-    options = {"method": method, "test": test, "fdr": fdr, "fdr_scope": fdr_scope,
-               "fdr_backend": fdr_backend, "dispersion": dispersion, **kernel_options}
+    options = {"method": method, "fdr": fdr, "fdr_scope": fdr_scope, "fdr_backend": fdr_backend,
+               "dispersion": dispersion, **kernel_options, "test": test}
     results.attrs.update(options)
     results.attrs.update({
         "options": json.dumps(options, sort_keys=True),

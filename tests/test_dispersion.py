@@ -42,11 +42,15 @@ def test_pooled_modes_are_calibrated_on_null_cubes(design):
 
 
 @pytest.mark.parametrize("design", list(DESIGNS))
-def test_low_counts_match_the_oracle_dispersion(design):
-    """Mean counts 0.5–20: below 2 counts every Wald test here is conservative, the true
-    dispersion included (counts that small cannot reach p < 0.05 often enough). The band is
-    therefore the oracle's rate +/- 4 SE (capped above at 0.05 + 4 SE): the pooled modes must
-    sit in it; the per-comparison mode runs hot above it."""
+def test_low_counts_are_calibrated_with_the_default_test(design):
+    """Mean counts 0.5–20 (a third of the features below 2 counts).
+
+    The Wald test is conservative there even at the true dispersion (the oracle, printed): its
+    normal approximation fails when the total count is small. The default ``test="auto"`` uses
+    the conditional exact test (mid-p) at those totals, and the pooled modes must reject within
+    0.05 +/- 4 SE (SE from the 1000 per-feature rates, about 0.0025-0.003); the per-comparison
+    dispersion runs hot above them.
+    """
     from nbdask.kernels.mom import mom_kernel
 
     cube = null_cube(*DESIGNS[design], base_mean=(0.5, 20), seed=4)
@@ -58,12 +62,13 @@ def test_low_counts_match_the_oracle_dispersion(design):
         p = nbdask.test(cube, dispersion=mode, fdr="none")["p_value"].values
         per_feature = np.nanmean(p < 0.05, axis=0)
         rates[mode] = (float(np.nanmean(p < 0.05)), np.nanstd(per_feature, ddof=1) / math.sqrt(per_feature.size))
-    print(f"\n{design}, means 0.5-20: oracle {rate_oracle:.4f}, " +
+    print(f"\n{design}, means 0.5-20: Wald at the true dispersion {rate_oracle:.4f}; test='auto': " +
           ", ".join(f"{m} {r:.4f} (SE {se:.4f})" for m, (r, se) in rates.items()))
     for mode in ("feature", "shrunk"):
         rate, se = rates[mode]
-        assert abs(rate - rate_oracle) <= 4 * se and rate <= 0.05 + 4 * se, (mode, rate, rate_oracle)
-    assert rates["comparison"][0] > rate_oracle + 4 * rates["comparison"][1]
+        assert abs(rate - 0.05) <= 4 * se, (mode, rate, se)
+        assert abs(rate - 0.05) < abs(rate_oracle - 0.05)
+    assert rates["comparison"][0] > rates["feature"][0] + 2 * rates["comparison"][1]
 
 
 def effect_cube(seed=5):

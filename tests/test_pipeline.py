@@ -26,10 +26,13 @@ def cube_path(tmp_path_factory):
 
 
 def in_memory_reference(cube):
-    """The same estimator run on whole NumPy arrays, BH by scipy."""
+    """The same estimator and default test (``"auto"``) on whole NumPy arrays, BH by scipy."""
     from scipy.stats import false_discovery_control
 
-    out = mom_kernel(*(cube[v].values for v in INPUTS))
+    from nbdask.kernels.exact import conditional_outputs
+
+    arrays = [cube[v].values for v in INPUTS]
+    out = conditional_outputs(mom_kernel(*arrays), *arrays, test="auto")
     p = out["p_value"]
     q = np.full_like(p, np.nan)
     ok = np.isfinite(p)

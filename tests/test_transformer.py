@@ -170,7 +170,7 @@ def test_pipeline_on_a_cluster_and_through_the_cli(client, tmp_path):
                            effect_fraction=0.2, seed=4, chunks=16)
     path = tmp_path / "cube.zarr"
     nbdask.save_cube(cube, path)
-    lazy = nbdask.test(nbdask.open_cube(path), method="transformer", dispersion="comparison")
+    lazy = nbdask.test(nbdask.open_cube(path), method="transformer", dispersion="comparison", test="wald")
     saved = nbdask.save_results(lazy, tmp_path / "res.zarr", client=client)
     direct = T.transformer_kernel(cube.counts.values, cube.size_factor.values,
                                   cube.control_counts.values, cube.control_size_factor.values)

@@ -13,6 +13,10 @@ import math
 import numba
 import numpy as np
 
+from .exact import BIG as _BIG
+from .exact import LOG_BIG as _LOG_BIG
+from .exact import TIE as _TIE
+from .exact import TRUNCATION as _TRUNCATION
 from .irls import CHECK_EVERY, INNER_STEPS, MAX_ALPHA_STEP, MAX_DISPERSION, MAX_LOG_FOLD_CHANGE
 from .mom import MIN_DISPERSION, ZERO_GROUP_COUNT
 
@@ -557,3 +561,73 @@ def pearson_statistics(counts, sf, rate_mean, est, out):
                     var = qbar / l + est[g] * qbar * qbar
                     total += d * d / (var if var > 0 else 1.0)
             out[p, g] = total
+
+
+# --------------------------------------------------------------------------- conditional exact test
+
+@_jit
+def _exact_walk(obs, s, kt, kc, c, trunc, up):
+    """``exact._walk`` for one comparison: (small, ties, log of all terms) beyond obs."""
+    value = 1.0
+    e = 0
+    small = 0.0
+    ties = 0.0
+    tot = 0.0
+    etot = 0
+    t = obs
+    while (t < s) if up else (t > 0):
+        if up:
+            value *= c * (t + kt) * (s - t) / ((t + 1.0) * (s - t - 1.0 + kc))
+            t += 1.0
+        else:
+            value *= t * (s - t + kc) / (c * (t - 1.0 + kt) * (s - t + 1.0))
+            t -= 1.0
+        if value > _BIG:
+            value /= _BIG
+            e += 1
+        elif e > 0 and value < 1.0:
+            value *= _BIG
+            e -= 1
+        if e == etot:
+            tot += value
+        elif e > etot:
+            tot = tot / _BIG + value
+            etot = e
+        if e == 0:
+            if value < 1.0 - _TIE:
+                small += value
+                if trunc and value < _TRUNCATION * (small + 0.5):
+                    break
+            elif value <= 1.0 + _TIE:
+                ties += value
+    return small, ties, (math.log(tot) + etot * _LOG_BIG) if tot > 0 else -math.inf
+
+
+@_jit
+def _exact_block(obs, total, l_t, l2_t, l_c, l2_c, phi, active, out):
+    P, G = obs.shape
+    for p in range(P):
+        for g in range(G):
+            if not active[p, g]:
+                out[p, g] = np.nan
+                continue
+            s = total[p, g]
+            rate = s / (l_t[p] + l_c)
+            kt = l_t[p] * l_t[p] / (phi[p, g] * l2_t[p])
+            kc = l_c * l_c / (phi[p, g] * l2_c)
+            mt = rate * l_t[p]
+            mc = rate * l_c
+            c = (mt / (mt + kt)) / (mc / (mc + kc))
+            trunc = kt >= 1.0 and kc >= 1.0
+            su, tu, lu = _exact_walk(obs[p, g], s, kt, kc, c, trunc, True)
+            sd, td, ld = _exact_walk(obs[p, g], s, kt, kc, c, trunc, False)
+            hi = max(max(lu, ld), 0.0)
+            log_total = hi + math.log(math.exp(lu - hi) + math.exp(ld - hi) + math.exp(-hi))
+            out[p, g] = min(math.exp(math.log(su + sd + 0.5 * (1.0 + tu + td)) - log_total), 1.0)
+
+
+def exact_fused(obs, total, l_t, l2_t, l_c, l2_c, phi, active):
+    """Numba twin of ``exact.conditional_p`` (NumPy, [P_b, G_b] inputs, l_t/l2_t [P_b])."""
+    out = np.empty(obs.shape)
+    _exact_block(obs, total, l_t, l2_t, l_c, l2_c, np.ascontiguousarray(phi, np.float64), active, out)
+    return out
