@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="8GiB")
     ap.add_argument("--method", default="mom")
     ap.add_argument("--dispersion", default="comparison")
+    ap.add_argument("--test", default="auto", choices=["auto", "exact", "wald"])
     ap.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"])
     args = ap.parse_args()
     from distributed import Client
@@ -99,7 +100,8 @@ def main() -> None:
             with sampler.sample("pipeline", measure="process"):
                 start = time.perf_counter()
                 res = nbdask.test(nbdask.open_cube(str(cube_path)), method=args.method,
-                                  dispersion=args.dispersion, fdr_backend=args.fdr_backend)
+                                  dispersion=args.dispersion, test=args.test,
+                                  fdr_backend=args.fdr_backend)
                 saved = nbdask.save_results(res, f"{out}/results.zarr", client=client)
                 t["pipeline"] = time.perf_counter() - start
             peak = max(v for _, v in sampler.samples["pipeline"])
@@ -107,7 +109,7 @@ def main() -> None:
         attrs = saved.attrs
         est = attrs.get("wall_seconds_estimates", float("nan"))
         print(f"nbdask screen-scale benchmark ({machine()}, {args.workers} workers x "
-              f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion})")
+              f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion}, test {args.test})")
         print(f"cube {args.perturbations} x {args.features} = {n:,} comparisons, "
               f"{args.replicates} vs {args.control_replicates} replicates, shards {args.shards}; "
               f"{du(str(cube_path)) / 1e9:.2f} GB on disk")

@@ -112,11 +112,6 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
     """
     xp, special = namespaces(counts)
     max_total = AUTO_MAX_TOTAL if test == "auto" else math.inf
-    obs, total, l_t, l2_t, l_c, l2_c = group_totals(xp, counts, size_factor, control_counts,
-                                                    control_size_factor)
-    phi = xp.exp(xp.astype(out["log_dispersion"], xp.float64))
-    active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= max_total) & xp.isfinite(phi)
-              & (l_t > 0))
     fused = None
     if engine != "array" and is_host(xp):
         try:
@@ -124,10 +119,19 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
         except ImportError:
             fused = None
     if fused is not None:
-        p = fused(obs, total, l_t[:, 0], l2_t[:, 0], float(l_c), float(l2_c), phi, active)
-    else:
-        steps = int(to_host(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
-        p = conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, steps=steps)
+        p, direction = fused(counts, size_factor, control_counts, control_size_factor,
+                             out["log_dispersion"], out["p_value"], max_total)
+        tested = ~xp.isnan(direction)
+        z = xp.array(out["statistic"], copy=True)
+        z[tested] = -direction[tested] * special.ndtri(p[tested] / 2.0)
+        return {**out, "p_value": p, "statistic": z}
+    obs, total, l_t, l2_t, l_c, l2_c = group_totals(xp, counts, size_factor, control_counts,
+                                                    control_size_factor)
+    phi = xp.exp(xp.astype(out["log_dispersion"], xp.float64))
+    active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= max_total) & xp.isfinite(phi)
+              & (l_t > 0))
+    steps = int(to_host(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
+    p = conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, steps=steps)
     direction = xp.sign(obs * l_c - (total - obs) * l_t)
     z = -direction * special.ndtri(xp.where(active, p, 1.0) / 2.0)
     return {**out,

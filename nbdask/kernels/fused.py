@@ -567,7 +567,7 @@ def pearson_statistics(counts, sf, rate_mean, est, out):
 
 @_jit
 def _exact_walk(obs, s, kt, kc, c, trunc, up):
-    """``exact._walk`` for one comparison: (small, ties, log of all terms) beyond obs."""
+    """``exact._walk`` for one comparison: (small, ties, sum of all terms, its exponent in BIG)."""
     value = 1.0
     e = 0
     small = 0.0
@@ -600,34 +600,83 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
                     break
             elif value <= 1.0 + _TIE:
                 ties += value
-    return small, ties, (math.log(tot) + etot * _LOG_BIG) if tot > 0 else -math.inf
+    return small, ties, tot, etot
 
 
 @_jit
-def _exact_block(obs, total, l_t, l2_t, l_c, l2_c, phi, active, out):
-    P, G = obs.shape
+def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
+    """``exact.conditional_p`` for one comparison."""
+    rate = s / (l_t + l_c)
+    kt = l_t * l_t / (phi * l2_t)
+    kc = l_c * l_c / (phi * l2_c)
+    mt = rate * l_t
+    mc = rate * l_c
+    c = (mt / (mt + kt)) / (mc / (mc + kc))
+    trunc = kt >= 1.0 and kc >= 1.0
+    su, tu, au, eu = _exact_walk(obs, s, kt, kc, c, trunc, True)
+    sd, td, ad, ed = _exact_walk(obs, s, kt, kc, c, trunc, False)
+    small = su + sd + 0.5 * (1.0 + tu + td)
+    if eu == 0 and ed == 0:  # no term beyond 1e280 times a_obs: plain sums
+        return min(small / (au + ad + 1.0), 1.0)
+    lu = math.log(au) + eu * _LOG_BIG if au > 0 else -math.inf
+    ld = math.log(ad) + ed * _LOG_BIG if ad > 0 else -math.inf
+    hi = max(max(lu, ld), 0.0)
+    log_total = hi + math.log(math.exp(lu - hi) + math.exp(ld - hi) + math.exp(-hi))
+    return min(math.exp(math.log(small) - log_total), 1.0)
+
+
+@_jit
+def _exact_block(counts, sf, ctrl, csf, log_dispersion, p_value, max_total, p_out, direction):
+    """Totals, the exact p where the kernel's p is finite and 0 < total <= max_total (else the
+    kernel's p), and the sign of the treated total's deviation there (NaN elsewhere)."""
+    P, G, R = counts.shape
+    C = csf.shape[0]
+    l_c = 0.0
+    l2_c = 0.0
+    for j in range(C):
+        l_c += csf[j]
+        l2_c += csf[j] * csf[j]
+    control_totals = np.zeros(G)
+    for g in range(G):
+        for j in range(C):
+            control_totals[g] += ctrl[g, j]
     for p in range(P):
+        l_t = 0.0
+        l2_t = 0.0
+        for r in range(R):
+            if math.isfinite(sf[p, r]):
+                l_t += sf[p, r]
+                l2_t += sf[p, r] * sf[p, r]
         for g in range(G):
-            if not active[p, g]:
-                out[p, g] = np.nan
+            p_out[p, g] = p_value[p, g]
+            direction[p, g] = np.nan
+            if not (math.isfinite(p_value[p, g]) and l_t > 0):
                 continue
-            s = total[p, g]
-            rate = s / (l_t[p] + l_c)
-            kt = l_t[p] * l_t[p] / (phi[p, g] * l2_t[p])
-            kc = l_c * l_c / (phi[p, g] * l2_c)
-            mt = rate * l_t[p]
-            mc = rate * l_c
-            c = (mt / (mt + kt)) / (mc / (mc + kc))
-            trunc = kt >= 1.0 and kc >= 1.0
-            su, tu, lu = _exact_walk(obs[p, g], s, kt, kc, c, trunc, True)
-            sd, td, ld = _exact_walk(obs[p, g], s, kt, kc, c, trunc, False)
-            hi = max(max(lu, ld), 0.0)
-            log_total = hi + math.log(math.exp(lu - hi) + math.exp(ld - hi) + math.exp(-hi))
-            out[p, g] = min(math.exp(math.log(su + sd + 0.5 * (1.0 + tu + td)) - log_total), 1.0)
+            obs = 0.0
+            for r in range(R):
+                if math.isfinite(sf[p, r]):
+                    obs += counts[p, g, r]
+            s = obs + control_totals[g]
+            if s <= 0 or s > max_total:
+                continue
+            phi = math.exp(np.float64(log_dispersion[p, g]))
+            if not math.isfinite(phi):
+                continue
+            p_out[p, g] = _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi)
+            dev = obs * l_c - (s - obs) * l_t
+            direction[p, g] = 1.0 if dev > 0 else (-1.0 if dev < 0 else 0.0)
 
 
-def exact_fused(obs, total, l_t, l2_t, l_c, l2_c, phi, active):
-    """Numba twin of ``exact.conditional_p`` (NumPy, [P_b, G_b] inputs, l_t/l2_t [P_b])."""
-    out = np.empty(obs.shape)
-    _exact_block(obs, total, l_t, l2_t, l_c, l2_c, np.ascontiguousarray(phi, np.float64), active, out)
-    return out
+def exact_fused(counts, size_factor, control_counts, control_size_factor, log_dispersion, p_value,
+                max_total):
+    """Numba twin of the conditional test in ``exact.conditional_outputs`` (NumPy blocks).
+
+    Returns ``(p, direction)`` [P_b, G_b]: the p-values (exact where tested, else ``p_value``)
+    and the sign of the treated total's deviation where tested (NaN elsewhere).
+    """
+    p_out = np.empty(p_value.shape)
+    direction = np.empty(p_value.shape)
+    _exact_block(counts, np.asarray(size_factor, np.float64), control_counts,
+                 np.asarray(control_size_factor, np.float64), log_dispersion,
+                 np.asarray(p_value, np.float64), float(max_total), p_out, direction)
+    return p_out, direction
