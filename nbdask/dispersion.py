@@ -34,15 +34,13 @@ All sums decompose over perturbation blocks, so the pass is one map-reduce over 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import xarray as xr
 from scipy import stats
 
 from .kernels.backend import is_host, namespaces, to_host
 from .kernels.moments import block_moments, group_moments, poisson_term
-from .kernels.mom import MIN_DISPERSION, group_rates
+from .kernels.mom import MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
 from .schema import FEATURE, host_values
 
 DISPERSIONS = ("comparison", "feature", "shrunk")
@@ -68,23 +66,12 @@ def _pooled(xp, num, den):
 def feature_sums(counts, size_factor, control_counts, control_size_factor):
     """Partial per-feature sums of one block: array [len(SUMS), G_b] (float64)."""
     xp, _ = namespaces(counts, size_factor, control_counts, control_size_factor)
-    f64 = xp.float64
     fused = _fused(xp)
-    if fused is None:
-        size_factor, control_size_factor, present, ctrl, trt = block_moments(
-            xp, counts, size_factor, control_counts, control_size_factor)
-    else:  # the same moments without [P_b, G_b, R] temporaries
-        size_factor = xp.astype(size_factor, f64)
-        control_size_factor = xp.astype(control_size_factor, f64)
-        present = xp.isfinite(size_factor)
-        ctrl = group_moments(xp, control_counts, control_size_factor,
-                             xp.ones(control_size_factor.shape, dtype=xp.bool))
-        per_perturbation = group_moments(xp, xp.zeros(present.shape, dtype=f64)[:, None, :],
-                                         size_factor[:, None, :], present[:, None, :])
-        rate_mean = np.empty(counts.shape[:2])
-        rate_var = np.empty(counts.shape[:2])
-        fused.treated_rate_moments(counts, size_factor, rate_mean, rate_var)
-        trt = replace(per_perturbation, rate_mean=rate_mean, rate_var=rate_var)
+    if fused is not None:
+        return _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor)
+    f64 = xp.float64
+    size_factor, control_size_factor, present, ctrl, trt = block_moments(
+        xp, counts, size_factor, control_counts, control_size_factor)
 
     def contributions(m):
         w = xp.maximum(m.n - 1.0, 0.0)
@@ -93,31 +80,23 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
 
     num_c, den_c = contributions(ctrl)
     num_t, den_t = contributions(trt)  # [P_b, G_b]
-    if fused is None:
-        sf = xp.where(present, size_factor, 1.0)[:, None, :]
-        rate = xp.where(present[:, None, :], xp.astype(counts, f64) / sf, 0.0)
-        qbar = trt.rate_mean[..., None]
-        dev2 = (rate - qbar) ** 2
+    sf = xp.where(present, size_factor, 1.0)[:, None, :]
+    rate = xp.where(present[:, None, :], xp.astype(counts, f64) / sf, 0.0)
+    qbar = trt.rate_mean[..., None]
+    dev2 = (rate - qbar) ** 2
 
     def pearson_statistics(est):
         """Each treated group's Pearson statistic under the feature dispersions ``est``."""
-        if fused is not None:
-            out = np.empty(counts.shape[:2])
-            fused.pearson_statistics(counts, size_factor, trt.rate_mean, est, out)
-            return out
         var = qbar / sf + est[None, :, None] * qbar * qbar
         return xp.sum(xp.where(present[:, None, :], dev2 / xp.where(var > 0, var, 1.0), 0.0), axis=-1)
 
     n_t = trt.n  # [P_b, 1]
-    df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
-    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=f64), xp.reshape(df_index, (-1,))), n_t.shape)
     valid = (n_t >= 2) & (trt.rate_mean > 0)
     keep = valid
     for _ in range(OUTLIER_ROUNDS):
         est = _pooled(xp, xp.sum(xp.where(keep, num_t, 0.0), axis=0) + num_c,
                       xp.sum(xp.where(keep, den_t, 0.0), axis=0) + den_c)
-        pearson = pearson_statistics(est)
-        keep = valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
+        keep = _screen(xp, pearson_statistics(est), n_t, valid)
     outliers = valid & ~keep
 
     # Per-comparison moment dispersion (unfloored) and its sampling-variance pieces.
@@ -142,6 +121,48 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
         xp.sum(xp.astype(comp, f64), axis=0),
     ]
     return xp.stack([xp.broadcast_to(r, rows[0].shape) for r in rows])
+
+
+def _screen(xp, pearson, n_t, valid):
+    """Groups kept in the pool: valid, Pearson statistic under the chi-square limit, and not in
+    an over-dispersed perturbation ([P_b, G_b] bool)."""
+    df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
+    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64), xp.reshape(df_index, (-1,))),
+                       n_t.shape)
+    return valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
+
+
+def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor):
+    """``feature_sums`` for NumPy blocks: the [P_b, G_b] work in numba loops (``kernels.fused``),
+    the same sums without the array temporaries."""
+    f64 = np.float64
+    sf = np.asarray(size_factor, f64)
+    csf = np.asarray(control_size_factor, f64)
+    present = np.isfinite(sf)
+    ctrl = group_moments(np, control_counts, csf, np.ones(csf.shape, dtype=bool))
+    per = group_moments(np, np.zeros(present.shape, dtype=f64), np.where(present, sf, 1.0), present)
+    n_t, inv_t, library_t = per.n, per.inv_size_factor, per.library  # [P_b]
+    shape = counts.shape[:2]
+    rate_mean, rate_var, num_t, den_t = (np.empty(shape) for _ in range(4))
+    fused.pooling_terms(counts, sf, inv_t, rate_mean, rate_var, num_t, den_t)
+    w = max(ctrl.n - 1.0, 0.0)
+    num_c = w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor)
+    den_c = w * (ctrl.rate_mean * ctrl.rate_mean - ctrl.rate_var / max(ctrl.n, 1.0))
+    valid = (n_t >= 2)[:, None] & (rate_mean > 0)
+    keep = valid
+    num, den, pearson = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape)
+    for _ in range(OUTLIER_ROUNDS):
+        fused.kept_sums(num_t, den_t, keep, num, den)
+        fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c), pearson)
+        keep = _screen(np, pearson, n_t[:, None], valid)
+    phi_c, w_c = _group_phi(np, ctrl)
+    rate_c = np.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
+    inv_l = np.sum(np.where(present, 1.0 / np.where(present, sf, 1.0), 0.0), axis=-1)
+    out = np.empty((len(SUMS), shape[1]))
+    fused.pooling_rows(num_t, den_t, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
+                       phi_c, np.broadcast_to(w_c, phi_c.shape).astype(f64), rate_c,
+                       np.sum(1.0 / csf) / rate_c, float(csf.shape[0]), out)
+    return out
 
 
 def _fused(xp):
