@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--control-replicates", type=int, default=8)
     ap.add_argument("--shards", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--memory-limit", default="8GiB")
     ap.add_argument("--method", default="mom")
     ap.add_argument("--dispersion", default="comparison")
@@ -74,7 +75,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="nbdask-scale-", dir=CACHE.parent if CACHE.parent.exists() else None)
     t: dict[str, float] = {}
     try:
-        with local_cluster(workers=args.workers, memory_limit=args.memory_limit) as cluster, \
+        with local_cluster(workers=args.workers, threads_per_worker=args.threads_per_worker,
+                           memory_limit=args.memory_limit) as cluster, \
                 Client(cluster) as client:
             if not (cube_path / "zarr.json").exists():
                 start = time.perf_counter()
@@ -109,6 +111,7 @@ def main() -> None:
         attrs = saved.attrs
         est = attrs.get("wall_seconds_estimates", float("nan"))
         print(f"nbdask screen-scale benchmark ({machine()}, {args.workers} workers x "
+              f"{args.threads_per_worker} threads x "
               f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion}, test {args.test})")
         print(f"cube {args.perturbations} x {args.features} = {n:,} comparisons, "
               f"{args.replicates} vs {args.control_replicates} replicates, shards {args.shards}; "

@@ -49,6 +49,10 @@ GATHER_BYTES = 40
 #: value): small enough that several buckets and the pieces waiting for them never push a
 #: worker into spilling, and enough buckets to keep every worker busy.
 BUCKET_MEMORY_FRACTION = 0.05
+#: With several worker threads, ``fdr_backend="auto"`` sorts in buckets (in parallel) above this
+#: many p-values rather than gathering them onto one worker (2-core machine, 2 workers:
+#: 2.5e7 p-values 2.4 s against 3.3 s, 1e8 10.8 s against 17.1 s).
+PARALLEL_MIN_TESTS = 2 ** 22
 
 
 def bh(p: np.ndarray, *, axis: int | None = None) -> np.ndarray:
@@ -243,22 +247,31 @@ def _bh_block(block: np.ndarray, axis: int | None) -> np.ndarray:
     return bh(block, axis=axis)
 
 
-def choose_backend(m: int, *, memory_limit: float | None) -> str:
-    """``"gather"`` while m p-values fit comfortably in one worker, else ``"buckets"``."""
-    if memory_limit is None or memory_limit <= 0:
-        return "gather"
-    return "gather" if m * GATHER_BYTES < 0.5 * memory_limit else "buckets"
+def choose_backend(m: int, *, memory_limit: float | None, threads: int = 1) -> str:
+    """``"buckets"`` when m p-values do not fit comfortably in one worker, or when the cluster
+    has several threads and more than PARALLEL_MIN_TESTS p-values (the bucketed sort runs on
+    all of them, gathering on one); else ``"gather"``."""
+    if memory_limit is not None and memory_limit > 0 and m * GATHER_BYTES >= 0.5 * memory_limit:
+        return "buckets"
+    return "buckets" if threads > 1 and m > PARALLEL_MIN_TESTS else "gather"
+
+
+def _workers() -> list[dict]:
+    from .cluster import active_client
+
+    client = active_client()
+    return [] if client is None else list(client.scheduler_info()["workers"].values())
 
 
 def worker_memory_limit() -> float | None:
     """The smallest memory limit among the active client's workers (bytes), if any."""
-    from .cluster import active_client
-
-    client = active_client()
-    if client is None:
-        return None
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    limits = [w.get("memory_limit") or 0 for w in _workers()]
     return float(min(limits)) if limits and min(limits) > 0 else None
+
+
+def worker_threads() -> int:
+    """Threads over all of the active client's workers (1 without a client)."""
+    return max(1, sum(int(w.get("nthreads") or 1) for w in _workers()))
 
 
 def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
@@ -269,7 +282,8 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
     ``backend="gather"`` keeps a dask input lazy: one task gathers the scope's p-values (and
     Storey's pi0 is a lazy reduction). ``"buckets"`` and ``"auto"`` first run the counting pass
     (they compute, so use them on stored p-values), then return a lazy array; ``"auto"`` picks
-    gather or buckets from the smallest worker memory limit of the active client (given
+    gather or buckets from the smallest worker memory limit and the thread count of the active
+    client (``choose_backend``; given
     ``n_tests``, the number of non-NaN p-values, it skips the counting pass when gathering). The
     chosen backend (and pi0 when known) are recorded in the result's attrs. ``stats``: the
     counting pass's totals when already computed (``counts_graph``).
@@ -294,7 +308,7 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
             if n_tests is None:
                 stats = counts(data)
                 n_tests = stats["m"]
-            chosen = choose_backend(n_tests, memory_limit=worker_memory_limit())
+            chosen = choose_backend(n_tests, memory_limit=worker_memory_limit(), threads=worker_threads())
         if chosen == "buckets" or method == "storey":
             stats = stats or counts(data)
     if chosen == "buckets":

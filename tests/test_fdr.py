@@ -155,3 +155,17 @@ def test_storey_q_values(client, backend):
 def test_numba_core_is_bit_identical_to_the_sort_definition(seed):
     p = hard_p_values((211, 173), seed=seed)
     assert np.array_equal(fdr.bh(p), fdr.bh_sorted(p.reshape(-1), axis=0).reshape(p.shape), equal_nan=True)
+
+
+def test_auto_backend_rule():
+    """Buckets when the p-values would crowd one worker, or when several threads can share the
+    sort of more than PARALLEL_MIN_TESTS; else gather."""
+    gib = 2.0 ** 30
+    big = fdr.PARALLEL_MIN_TESTS + 1
+    assert fdr.choose_backend(10 ** 6, memory_limit=8 * gib, threads=2) == "gather"
+    assert fdr.choose_backend(big, memory_limit=8 * gib, threads=1) == "gather"
+    assert fdr.choose_backend(big, memory_limit=8 * gib, threads=2) == "buckets"
+    assert fdr.choose_backend(big, memory_limit=None, threads=2) == "buckets"
+    # 40 bytes per p-value against half of 1 GiB: 13.4M p-values no longer gather, even alone
+    assert fdr.choose_backend(14_000_000, memory_limit=gib, threads=1) == "buckets"
+    assert fdr.choose_backend(13_000_000, memory_limit=gib, threads=1) == "gather"
