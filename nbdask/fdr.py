@@ -41,6 +41,8 @@ BACKENDS = ("auto", "gather", "buckets")
 #: Key bins: float64 bits >> SHIFT gives 2**(62 - SHIFT) bins over [0, 1], 256 per binade.
 SHIFT = 44
 N_KEYS = (0x3FF0000000000000 >> SHIFT) + 1
+#: Bucket id of a NaN position in the bucket path's ids (uint16: at most 65534 buckets).
+NAN_BUCKET = 65535
 #: Storey's lambda grid (R qvalue's default).
 LAMBDAS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 #: Bytes per p-value the gather path needs on its worker (p, order, sorted copies, q).
@@ -160,12 +162,13 @@ def _bucket_table(edges: np.ndarray) -> np.ndarray:
 
 
 def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
-    """A chunk's non-NaN p-values by bucket, each in the chunk's (C) order."""
+    """A chunk's non-NaN p-values by bucket, each in the chunk's (C) order, then the bucket id
+    of every position (what ``_assemble`` needs instead of the p-values: 2 bytes, not 8)."""
     from .fdr_fused import split_by_bucket
 
     flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
-    grouped, sizes = split_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), len(edges) - 1)
-    return np.split(grouped, np.cumsum(sizes)[:-1])
+    grouped, sizes, ids = split_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), len(edges) - 1)
+    return np.split(grouped, np.cumsum(sizes)[:-1]) + [ids]
 
 
 def _piece(pieces, b):
@@ -196,16 +199,14 @@ def _carry(*mins):
     return min(mins) if mins else math.inf
 
 
-def _assemble(p: np.ndarray, edges: np.ndarray, *q_pieces) -> np.ndarray:
-    """The chunk's q-values from its per-bucket pieces (the inverse of ``_split``)."""
+def _assemble(ids: np.ndarray, shape: tuple, *q_pieces) -> np.ndarray:
+    """The chunk's q-values from its per-bucket pieces and bucket ids (inverse of ``_split``)."""
     from .fdr_fused import scatter_by_bucket
 
-    flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
     sizes = np.array([len(x) for x in q_pieces], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     grouped = np.concatenate(q_pieces) if q_pieces else np.empty(0)
-    q = scatter_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), grouped, starts)
-    return q.reshape(p.shape)
+    return scatter_by_bucket(ids, grouped, starts).reshape(shape)
 
 
 def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
@@ -219,7 +220,11 @@ def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
     logger.info("nbdask.fdr: %d p-values in %d buckets of <= %d", m, n_buckets, bucket_size)
     chunks = p.to_delayed()
     flat_chunks = chunks.ravel()
-    split = [dask.delayed(_split, nout=n_buckets)(c, edges) for c in flat_chunks]
+    if n_buckets >= NAN_BUCKET:
+        raise OptionError(f"{n_buckets} FDR buckets: at most {NAN_BUCKET - 1}; raise bucket_size")
+    # The p chunks are read once, by _split, and released: only their 2-byte bucket ids wait
+    # for the q-values to come back.
+    split = [dask.delayed(_split, nout=n_buckets + 1)(c, edges) for c in flat_chunks]
     pieces = [[split[c][b] for c in range(len(flat_chunks))] for b in range(n_buckets)]
     phase1 = [dask.delayed(_bucket_phase1, nout=2)(m, int(offsets[b]), *pieces[b])
               for b in range(n_buckets)]
@@ -229,12 +234,12 @@ def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
         carry = dask.delayed(_carry)(*mins[b + 1:])
         results.append(dask.delayed(_bucket_phase2, nout=len(flat_chunks))(phase1[b][0], carry))
     blocks = []
-    for c, chunk in enumerate(flat_chunks):
+    for c in range(len(flat_chunks)):
         qp = [results[b][c] for b in range(n_buckets)]
         index = np.unravel_index(c, chunks.shape)
         shape = tuple(p.chunks[d][index[d]] for d in range(p.ndim))
-        blocks.append(da.from_delayed(dask.delayed(_assemble)(chunk, edges, *qp), shape=shape,
-                                      dtype=np.float64))
+        blocks.append(da.from_delayed(dask.delayed(_assemble)(split[c][n_buckets], shape, *qp),
+                                      shape=shape, dtype=np.float64))
     grid = np.empty(chunks.shape, dtype=object)
     for c, block in enumerate(blocks):
         grid[np.unravel_index(c, chunks.shape)] = block

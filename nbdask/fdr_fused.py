@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .fdr import NAN_BUCKET
+
 _jit = numba.njit(cache=True, nogil=True)
 
 
@@ -124,39 +126,42 @@ def bh_block(vals, m, offset, carry):
 
 @_jit
 def split_by_bucket(flat, table, shift, n_buckets):
-    """A chunk's non-NaN values grouped by bucket (each group in chunk order) and group sizes.
-
-    ``table[bits >> shift]`` is the bucket of a value: one counting pass, one placement pass.
-    """
+    """A chunk's non-NaN values grouped by bucket (each group in chunk order), the group sizes
+    and every position's bucket id (uint16, NAN_BUCKET for NaN): ``table[bits >> shift]`` is
+    the bucket of a value. The ids let the q-values go back without the p-values."""
     n = flat.shape[0]
     bits = flat.view(np.uint64)
+    ids = np.empty(n, np.uint16)
     sizes = np.zeros(n_buckets, np.int64)
     for i in range(n):
         if flat[i] == flat[i]:
-            sizes[table[bits[i] >> shift]] += 1
+            b = table[bits[i] >> shift]
+            ids[i] = b
+            sizes[b] += 1
+        else:
+            ids[i] = NAN_BUCKET
     fill = np.zeros(n_buckets, np.int64)
     for b in range(1, n_buckets):
         fill[b] = fill[b - 1] + sizes[b - 1]
     grouped = np.empty(fill[n_buckets - 1] + sizes[n_buckets - 1])
     for i in range(n):
-        if flat[i] == flat[i]:
-            b = table[bits[i] >> shift]
+        b = ids[i]
+        if b != NAN_BUCKET:
             grouped[fill[b]] = flat[i]
             fill[b] += 1
-    return grouped, sizes
+    return grouped, sizes, ids
 
 
 @_jit
-def scatter_by_bucket(flat, table, shift, q_grouped, starts):
+def scatter_by_bucket(ids, q_grouped, starts):
     """Inverse of ``split_by_bucket``: q for every position of the chunk (NaN where p is NaN),
     from the q-values grouped by bucket in chunk order, group b starting at ``starts[b]``."""
-    n = flat.shape[0]
-    bits = flat.view(np.uint64)
+    n = ids.shape[0]
     cursor = starts.copy()
     q = np.empty(n)
     for i in range(n):
-        if flat[i] == flat[i]:
-            b = table[bits[i] >> shift]
+        b = ids[i]
+        if b != NAN_BUCKET:
             q[i] = q_grouped[cursor[b]]
             cursor[b] += 1
         else:
