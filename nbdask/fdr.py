@@ -7,15 +7,16 @@ equal q. This is R's ``pmin(1, cummin((n / i) * p[o]))`` with the same operation
 Two exact paths for a dask array of p-values, bit-identical to each other:
 
 * ``"gather"``: the p-values of the scope go to one task on a worker and are sorted there.
-* ``"buckets"``: for more p-values than one worker holds. The raw IEEE-754 bits of a
+* ``"buckets"``: for more p-values than one worker holds, or to sort on every worker. The raw
+  IEEE-754 bits of a
   non-negative float64, read as uint64, order like the values, so ``bits >> SHIFT`` cuts
   [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
   bin (and the Storey counts); the plan merges adjacent bins into buckets of at most
-  ``bucket_size`` values; each chunk splits its p-values by bucket; each bucket is sorted on its
-  own with ranks offset by the counts below it (phase 1), then min(q, carry) with the carry the
-  minimum over higher buckets (phase 2, exact because a running minimum started at the carry
-  equals the minimum of the uncarried one and the carry), and the q-values are scattered back.
-  Every task holds one chunk or one bucket.
+  ``bucket_size`` values; each chunk splits its p-values by bucket (keeping only a 2-byte bucket
+  id per position); each bucket is sorted on its own with ranks offset by the counts below it;
+  each chunk gathers its q-values back by those ids and caps them by the carry, the minimum term
+  over higher buckets (exact because a running minimum started at the carry equals the minimum of
+  the uncarried one and the carry). Every task holds one chunk or one bucket.
 
 ``fdr="storey"`` multiplies BH q-values by Storey's pi0, estimated from the counts of p >= lambda
 on lambda = 0.05, 0.10, ..., 0.95 with the bootstrap-MSE choice of R's ``qvalue::pi0est``.
@@ -171,10 +172,6 @@ def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
     return np.split(grouped, np.cumsum(sizes)[:-1]) + [ids]
 
 
-def _piece(pieces, b):
-    return pieces[b]
-
-
 def _bucket_q(m: int, offset: int, carry: float, pieces):
     """One bucket's q-values (input order) and the minimum of its (m / F) * t terms."""
     from .fdr_fused import bh_block
@@ -183,30 +180,29 @@ def _bucket_q(m: int, offset: int, carry: float, pieces):
     return bh_block(vals, float(m), int(offset), float(carry))
 
 
-def _bucket_phase1(m, offset, *pieces):
-    """q-values of one bucket before the carry from higher buckets, and its minimum term."""
+def _bucket_sort(m, offset, *pieces):
+    """One bucket's q-values before the carry from higher buckets, split back per chunk, and
+    the bucket's minimum term (last)."""
     q, low = _bucket_q(m, offset, math.inf, pieces)
-    return (q, np.cumsum([len(x) for x in pieces])[:-1]), float(low)
+    return tuple(np.split(q, np.cumsum([len(x) for x in pieces])[:-1])) + (float(low),)
 
 
-def _bucket_phase2(phase1, carry):
-    """min(q, carry) restores the running minimum across buckets; split back per chunk."""
-    q, bounds = phase1
-    return np.split(np.minimum(q, carry), bounds)
+def _carries(*mins):
+    """Per bucket, the minimum term of all higher buckets (inf for the last): the running
+    minimum that ``_assemble`` applies."""
+    tail = np.minimum.accumulate(np.asarray(mins[::-1], dtype=np.float64))[::-1]
+    return np.append(tail[1:], math.inf)
 
 
-def _carry(*mins):
-    return min(mins) if mins else math.inf
-
-
-def _assemble(ids: np.ndarray, shape: tuple, *q_pieces) -> np.ndarray:
-    """The chunk's q-values from its per-bucket pieces and bucket ids (inverse of ``_split``)."""
+def _assemble(ids: np.ndarray, shape: tuple, carries: np.ndarray, *q_pieces) -> np.ndarray:
+    """The chunk's q-values from its per-bucket pieces, the carries and its bucket ids (the
+    inverse of ``_split``)."""
     from .fdr_fused import scatter_by_bucket
 
     sizes = np.array([len(x) for x in q_pieces], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     grouped = np.concatenate(q_pieces) if q_pieces else np.empty(0)
-    return scatter_by_bucket(ids, grouped, starts).reshape(shape)
+    return scatter_by_bucket(ids, grouped, starts, carries).reshape(shape)
 
 
 def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
@@ -226,19 +222,16 @@ def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
     # for the q-values to come back.
     split = [dask.delayed(_split, nout=n_buckets + 1)(c, edges) for c in flat_chunks]
     pieces = [[split[c][b] for c in range(len(flat_chunks))] for b in range(n_buckets)]
-    phase1 = [dask.delayed(_bucket_phase1, nout=2)(m, int(offsets[b]), *pieces[b])
-              for b in range(n_buckets)]
-    mins = [low for _, low in phase1]
-    results = []
-    for b in range(n_buckets):
-        carry = dask.delayed(_carry)(*mins[b + 1:])
-        results.append(dask.delayed(_bucket_phase2, nout=len(flat_chunks))(phase1[b][0], carry))
+    n_chunks = len(flat_chunks)
+    sorted_ = [dask.delayed(_bucket_sort, nout=n_chunks + 1)(m, int(offsets[b]), *pieces[b])
+               for b in range(n_buckets)]
+    carries = dask.delayed(_carries)(*[sorted_[b][n_chunks] for b in range(n_buckets)])
     blocks = []
-    for c in range(len(flat_chunks)):
-        qp = [results[b][c] for b in range(n_buckets)]
+    for c in range(n_chunks):
+        qp = [sorted_[b][c] for b in range(n_buckets)]
         index = np.unravel_index(c, chunks.shape)
         shape = tuple(p.chunks[d][index[d]] for d in range(p.ndim))
-        blocks.append(da.from_delayed(dask.delayed(_assemble)(split[c][n_buckets], shape, *qp),
+        blocks.append(da.from_delayed(dask.delayed(_assemble)(split[c][n_buckets], shape, carries, *qp),
                                       shape=shape, dtype=np.float64))
     grid = np.empty(chunks.shape, dtype=object)
     for c, block in enumerate(blocks):

@@ -153,16 +153,18 @@ def split_by_bucket(flat, table, shift, n_buckets):
 
 
 @_jit
-def scatter_by_bucket(ids, q_grouped, starts):
+def scatter_by_bucket(ids, q_grouped, starts, carries):
     """Inverse of ``split_by_bucket``: q for every position of the chunk (NaN where p is NaN),
-    from the q-values grouped by bucket in chunk order, group b starting at ``starts[b]``."""
+    from the q-values grouped by bucket in chunk order, group b starting at ``starts[b]`` and
+    capped by ``carries[b]`` (the running minimum from higher buckets)."""
     n = ids.shape[0]
     cursor = starts.copy()
     q = np.empty(n)
     for i in range(n):
         b = ids[i]
         if b != NAN_BUCKET:
-            q[i] = q_grouped[cursor[b]]
+            v = q_grouped[cursor[b]]
+            q[i] = v if v < carries[b] else carries[b]
             cursor[b] += 1
         else:
             q[i] = np.nan
