@@ -8,9 +8,8 @@ Two exact paths for a dask array of p-values, bit-identical to each other:
 
 * ``"gather"``: the p-values of the scope go to one task on a worker and are sorted there.
 * ``"buckets"``: for more p-values than one worker holds, or to sort on every worker. The raw
-  IEEE-754 bits of a
-  non-negative float64, read as uint64, order like the values, so ``bits >> SHIFT`` cuts
-  [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
+  IEEE-754 bits of a non-negative float64, read as uint64, order like the values, so
+  ``bits >> SHIFT`` cuts [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
   bin (and the Storey counts); the plan merges adjacent bins into buckets of at most
   ``bucket_size`` values; each chunk splits its p-values by bucket (keeping only a 2-byte bucket
   id per position); each bucket is sorted on its own with ranks offset by the counts below it;
