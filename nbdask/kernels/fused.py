@@ -117,8 +117,10 @@ def _shrunk(raw, weight, poisson, phi_f, spread):
 
 
 @_jit
-def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
-    """mode 0: per-comparison dispersion; 1: phi_f[g] (feature); 2: shrunk toward phi_f[g]."""
+def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
+    """mode 0: per-comparison dispersion; 1: phi_f[g] (feature); 2: shrunk toward phi_f[g].
+
+    Writes ``_MOM_NAMES`` into out[0:5] (float32 or float64) and the p-values into ``pval``."""
     P, G, R = counts.shape
     C = csf.shape[0]
     L_c = 0.0
@@ -183,8 +185,9 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
                 b += m / (1.0 + phi * m)
             out[0, p, g] = mu
             if n_t == 0:
-                for k in range(1, 6):
+                for k in range(1, 5):
                     out[k, p, g] = np.nan
+                pval[p, g] = np.nan
                 continue
             se = math.sqrt(1.0 / a + 1.0 / b)
             z = beta / se
@@ -193,35 +196,35 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out):
             out[3, p, g] = se
             if qbar_c == 0 and qbar_t == 0:
                 out[4, p, g] = np.nan
-                out[5, p, g] = np.nan
+                pval[p, g] = np.nan
             else:
                 out[4, p, g] = z
-                out[5, p, g] = math.erfc(abs(z) / _SQRT2)
+                pval[p, g] = math.erfc(abs(z) / _SQRT2)
 
 
 _MOM_NAMES = ("log_base_mean", "log_fold_change", "log_dispersion", "standard_error", "statistic")
 
 
 def _mom_arrays(counts, size_factor, control_counts, control_size_factor, feature_dispersion=None,
-                dispersion_spread=None):
+                dispersion_spread=None, dtype=np.float64):
+    """(estimates [5, P, G] of ``dtype`` in ``_MOM_NAMES`` order, p-values [P, G] float64)."""
     p, g, _ = counts.shape
-    out = np.empty((6, p, g))
+    out = np.empty((5, p, g), dtype)
+    pval = np.empty((p, g))
     mode = 0 if feature_dispersion is None else (1 if dispersion_spread is None else 2)
     phi_f = np.zeros(g) if feature_dispersion is None else np.asarray(feature_dispersion, np.float64)
     spread = np.zeros(g) if dispersion_spread is None else np.asarray(dispersion_spread, np.float64)
     _mom_block(counts, np.asarray(size_factor, np.float64), control_counts,
-               np.asarray(control_size_factor, np.float64), phi_f, spread, mode, out)
-    return out
+               np.asarray(control_size_factor, np.float64), phi_f, spread, mode, out, pval)
+    return out, pval
 
 
 def mom_fused(counts, size_factor, control_counts, control_size_factor, *,
               feature_dispersion=None, dispersion_spread=None):
     """Numba twin of ``mom_kernel`` (NumPy inputs only, every dispersion mode); same outputs."""
-    out = _mom_arrays(counts, size_factor, control_counts, control_size_factor,
-                      feature_dispersion, dispersion_spread)
-    res = {name: out[k].astype(np.float32) for k, name in enumerate(_MOM_NAMES)}
-    res["p_value"] = out[5]
-    return res
+    out, pval = _mom_arrays(counts, size_factor, control_counts, control_size_factor,
+                            feature_dispersion, dispersion_spread, np.float32)
+    return {**{name: out[k] for k, name in enumerate(_MOM_NAMES)}, "p_value": pval}
 
 
 # --------------------------------------------------------------------------- IRLS
@@ -446,7 +449,7 @@ def _wald_se(y, l, owner, n, th0, th1, alpha):
 
 
 @_jit
-def _irls_block(counts, sf, ctrl, csf, mom, lrt, cox_reid, max_iter, tol, out, conv, iters):
+def _irls_block(counts, sf, ctrl, csf, mom, mom_p, lrt, cox_reid, max_iter, tol, out, conv, iters):
     P, G, R = counts.shape
     C = csf.shape[0]
     n_max = C + R
@@ -459,7 +462,7 @@ def _irls_block(counts, sf, ctrl, csf, mom, lrt, cox_reid, max_iter, tol, out, c
             y[j] = ctrl[g, j]
             l[j] = csf[j]
         for p in range(P):
-            if math.isnan(mom[5, p, g]):
+            if math.isnan(mom_p[p, g]):
                 for k in range(5):
                     out[k, p, g] = mom[k, p, g]
                 out[4, p, g] = np.nan
@@ -504,12 +507,12 @@ def irls_fused(counts, size_factor, control_counts, control_size_factor, *, test
     """Numba twin of ``irls_kernel`` (NumPy inputs only); same outputs and dtypes."""
     sf = np.asarray(size_factor, np.float64)
     csf = np.asarray(control_size_factor, np.float64)
-    mom = _mom_arrays(counts, sf, control_counts, csf)
+    mom_est, mom_p = _mom_arrays(counts, sf, control_counts, csf)
     p, g, _ = counts.shape
     out = np.empty((6, p, g))
     conv = np.empty((p, g), np.bool_)
     iters = np.empty((p, g), np.int8)
-    _irls_block(counts, sf, control_counts, csf, mom, test == "lrt", dispersion_fit == "cox-reid",
+    _irls_block(counts, sf, control_counts, csf, mom_est, mom_p, test == "lrt", dispersion_fit == "cox-reid",
                 min(int(max_iter), 127), float(tol), out, conv, iters)
     res = {name: out[k].astype(np.float32) for k, name in enumerate(_MOM_NAMES)}
     res["p_value"] = out[5]
