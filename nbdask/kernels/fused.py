@@ -144,6 +144,19 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             s2_c += d * d
         qbar_cs[g] = qbar_c
         s2_cs[g] = s2_c / max(C - 1.0, 1.0)
+    # With one dispersion per feature (mode 1) the control's information, mu and log phi are
+    # the same for every perturbation: computed once per feature.
+    info_cs = np.empty(G)
+    log_phis = np.empty(G)
+    if mode == 1:
+        for g in range(G):
+            rate_c = qbar_cs[g] if qbar_cs[g] > 0 else ZERO_GROUP_COUNT / L_c
+            a = 0.0
+            for j in range(C):
+                m = csf[j] * rate_c
+                a += m / (1.0 + phi_f[g] * m)
+            info_cs[g] = a
+            log_phis[g] = math.log(phi_f[g])
     q = np.empty(R)
     l = np.empty(R)
     inv_l = np.empty(R)
@@ -175,10 +188,13 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
                 phi = _shrunk(raw, den, poisson, phi_f[g], spread[g])
             mu = math.log(rate_c)
             beta = math.log(rate_t) - mu
-            a = 0.0
-            for j in range(C):
-                m = csf[j] * rate_c
-                a += m / (1.0 + phi * m)
+            if mode == 1:
+                a = info_cs[g]
+            else:
+                a = 0.0
+                for j in range(C):
+                    m = csf[j] * rate_c
+                    a += m / (1.0 + phi * m)
             b = 0.0
             for i in range(n_t):
                 m = l[i] * rate_t
@@ -192,7 +208,7 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             se = math.sqrt(1.0 / a + 1.0 / b)
             z = beta / se
             out[1, p, g] = beta
-            out[2, p, g] = math.log(phi)
+            out[2, p, g] = log_phis[g] if mode == 1 else math.log(phi)
             out[3, p, g] = se
             if qbar_c == 0 and qbar_t == 0:
                 out[4, p, g] = np.nan
