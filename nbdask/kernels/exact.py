@@ -119,11 +119,8 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
         except ImportError:
             fused = None
     if fused is not None:
-        p, direction = fused(counts, size_factor, control_counts, control_size_factor,
-                             out["log_dispersion"], out["p_value"], max_total)
-        tested = ~xp.isnan(direction)
-        z = xp.array(out["statistic"], copy=True)
-        z[tested] = -direction[tested] * special.ndtri(p[tested] / 2.0)
+        p, z = fused(counts, size_factor, control_counts, control_size_factor,
+                     out["log_dispersion"], out["p_value"], out["statistic"], max_total)
         return {**out, "p_value": p, "statistic": z}
     obs, total, l_t, l2_t, l_c, l2_c = group_totals(xp, counts, size_factor, control_counts,
                                                     control_size_factor)
