@@ -77,6 +77,18 @@ def _psi_diffs(y, r):
     return _digamma(y + r) - _digamma(r), _trigamma(y + r) - _trigamma(r)
 
 
+@_jit
+def _present(sf, p, keep, inv):
+    """Present replicates of perturbation p: their positions in keep[:n] and 1/l in inv[:n]; n."""
+    n = 0
+    for r in range(sf.shape[1]):
+        if math.isfinite(sf[p, r]):
+            keep[n] = r
+            inv[n] = 1.0 / sf[p, r]
+            n += 1
+    return n
+
+
 # --------------------------------------------------------------------------- MoM
 
 @_jit
@@ -162,17 +174,13 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
     inv_l = np.empty(R)
     keep = np.empty(R, np.int64)
     for p in range(P):
-        n_t = 0
+        n_t = _present(sf, p, keep, inv_l)
         L_t = 0.0
         inv_t = 0.0
-        for r in range(R):
-            if math.isfinite(sf[p, r]):
-                keep[n_t] = r
-                l[n_t] = sf[p, r]
-                inv_l[n_t] = 1.0 / sf[p, r]
-                L_t += sf[p, r]
-                inv_t += inv_l[n_t]
-                n_t += 1
+        for i in range(n_t):
+            l[i] = sf[p, keep[i]]
+            L_t += l[i]
+            inv_t += inv_l[i]
         inv_t /= max(n_t, 1)
         for g in range(G):
             qbar_c = qbar_cs[g]
@@ -548,12 +556,7 @@ def pooling_terms(counts, sf, inv_t, rate_mean, rate_var, num, den):
     keep = np.empty(R, np.int64)
     inv = np.empty(R)
     for p in range(P):
-        n = 0
-        for r in range(R):
-            if math.isfinite(sf[p, r]):
-                keep[n] = r
-                inv[n] = 1.0 / sf[p, r]
-                n += 1
+        n = _present(sf, p, keep, inv)
         w = max(n - 1.0, 0.0)
         for g in range(G):
             total = 0.0
@@ -628,12 +631,7 @@ def pearson_statistics(counts, sf, rate_mean, est, out):
     keep = np.empty(R, np.int64)
     inv = np.empty(R)
     for p in range(P):
-        n = 0
-        for r in range(R):
-            if math.isfinite(sf[p, r]):
-                keep[n] = r
-                inv[n] = 1.0 / sf[p, r]
-                n += 1
+        n = _present(sf, p, keep, inv)
         for g in range(G):
             qbar = rate_mean[p, g]
             extra = est[g] * qbar * qbar
@@ -751,16 +749,14 @@ def _exact_block(counts, sf, ctrl, csf, log_dispersion, p_value, max_total, p_ou
         for j in range(C):
             control_totals[g] += ctrl[g, j]
     keep = np.empty(R, np.int64)
+    inv = np.empty(R)
     for p in range(P):
-        n = 0
+        n = _present(sf, p, keep, inv)
         l_t = 0.0
         l2_t = 0.0
-        for r in range(R):
-            if math.isfinite(sf[p, r]):
-                keep[n] = r
-                n += 1
-                l_t += sf[p, r]
-                l2_t += sf[p, r] * sf[p, r]
+        for i in range(n):
+            l_t += sf[p, keep[i]]
+            l2_t += sf[p, keep[i]] * sf[p, keep[i]]
         if l_t <= 0:
             continue
         for g in range(G):
