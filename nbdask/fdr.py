@@ -50,7 +50,7 @@ GATHER_BYTES = 40
 #: A bucket holds at most this fraction of the smallest worker's memory (at GATHER_BYTES per
 #: value): small enough that several buckets and the pieces waiting for them never push a
 #: worker into spilling, and enough buckets to keep every worker busy.
-BUCKET_MEMORY_FRACTION = 0.05
+BUCKET_MEMORY_FRACTION = 0.15
 #: With several worker threads, ``fdr_backend="auto"`` sorts in buckets (in parallel) above this
 #: many p-values rather than gathering them onto one worker (2-core machine, 2 workers:
 #: 2.5e7 p-values 2.4 s against 3.3 s, 1e8 10.8 s against 17.1 s).

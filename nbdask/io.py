@@ -175,8 +175,10 @@ CUBE_CODEC = {"cname": "zstd", "clevel": 3}
 RESULTS_CODEC = {"cname": "lz4", "clevel": 5}
 
 
-def _encoding(ds: xr.Dataset, shards: Mapping[str, int], codec: Mapping = RESULTS_CODEC) -> dict:
-    """Sharded Zarr v3 encodings: each variable's shard = its dask chunk (or ``shards``)."""
+def _encoding(ds: xr.Dataset, shards: Mapping[str, int], codec: Mapping = RESULTS_CODEC, *,
+              shard_by_chunks: bool = True) -> dict:
+    """Sharded Zarr v3 encodings: each variable's shard = its dask chunk (or ``shards``, always
+    with ``shard_by_chunks=False``)."""
     enc = {}
     for name, var in ds.variables.items():
         if name in ds.dims and var.ndim == 1:
@@ -186,7 +188,7 @@ def _encoding(ds: xr.Dataset, shards: Mapping[str, int], codec: Mapping = RESULT
             continue
         shard = []
         for axis, dim in enumerate(var.dims):
-            if var.chunks is not None:
+            if var.chunks is not None and shard_by_chunks:
                 size = var.chunks[axis][0]
             else:
                 size = min(shards.get(dim, var.shape[axis]), var.shape[axis])
@@ -297,9 +299,11 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                 stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume)
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
+                threads = sum(w.get("nthreads", 1) for w in active.scheduler_info()["workers"].values())
                 stored = xr.open_zarr(make_store(url, storage_options=storage_options,
-                                                 read_only=True), consolidated=False,
-                                      zarr_format=3, chunks=grid, drop_variables=[DONE_ARRAY])
+                                                 read_only=True), consolidated=False, zarr_format=3,
+                                      chunks=_fdr_grid(grid, results["p_value"].shape, threads),
+                                      drop_variables=[DONE_ARRAY])
                 if stats is None:  # resumed: the skipped blocks' counts are in the store
                     from .fdr import counts_graph
 
@@ -327,6 +331,23 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     group.attrs[STATUS_ATTR] = "complete"  # last: readers trust nothing before this
     logger.info("nbdask: wrote %s (%s tests)", url, final.get("n_tests"))
     return open_results(url, storage_options=storage_options)
+
+
+#: The FDR pass reads the stored p-values in chunks of at least this many values (whole shards
+#: stacked along perturbation): the bucketed sort moves chunks x buckets pieces, so fewer, larger
+#: chunks mean fewer tasks (4e8 p-values on 2 workers: FDR pass 44.8 -> 38.5 s).
+FDR_CHUNK_VALUES = 2 ** 24
+
+
+def _fdr_grid(grid: Mapping[str, int], shape: tuple[int, int], threads: int) -> dict:
+    """Pass-2 chunks: ``grid`` stacked k times along perturbation, k as large as keeps
+    FDR_CHUNK_VALUES per chunk and at least 4 chunks per worker thread."""
+    n_p = -(-shape[0] // grid[PERTURBATION])
+    n_g = -(-shape[1] // grid[FEATURE])
+    k = max(1, FDR_CHUNK_VALUES // (grid[PERTURBATION] * grid[FEATURE]))
+    while k > 1 and -(-n_p // k) * n_g < 4 * max(threads, 1):
+        k -= 1
+    return {PERTURBATION: k * grid[PERTURBATION], FEATURE: grid[FEATURE]}
 
 
 #: Per-block completion flags of pass 1, (perturbation blocks, feature blocks), one chunk each.
@@ -413,7 +434,7 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
     from .cluster import show_progress
 
     q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
-                 encoding=_encoding(q_ds, grid))  # the array's metadata only
+                 encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
     q = q_ds["q_value"].data
     written = da.map_blocks(_store_q_block, q, store=store,
                             chunks=(tuple(1 for _ in q.chunks[0]), tuple(1 for _ in q.chunks[1]), (2,)),

@@ -67,6 +67,18 @@ def test_end_to_end_on_local_cluster(cube_path, tmp_path, client):
     assert list(reopened.perturbation.values[:2]) == list(cube.perturbation.values[:2])
     group = zarr.open_group(out, mode="r")
     assert group["p_value"].shards == (16, 16) and group["p_value"].dtype == np.float64
+    assert group["q_value"].shards == (16, 16)  # though the FDR pass reads larger chunks
+
+
+def test_fdr_pass_chunks():
+    """Whole shards stacked along perturbation up to 2**24 values, keeping 4 chunks per thread."""
+    from nbdask.io import _fdr_grid
+
+    grid = {"perturbation": 2048, "feature": 2048}
+    assert _fdr_grid(grid, (20000, 20000), 2) == {"perturbation": 8192, "feature": 2048}
+    assert _fdr_grid(grid, (5000, 5000), 2) == grid  # 9 blocks: stacking would leave < 8 chunks
+    assert _fdr_grid(grid, (10000, 10000), 2) == {"perturbation": 8192, "feature": 2048}
+    assert _fdr_grid(grid, (10000, 10000), 4) == grid  # 16 chunks for 4 threads: k = 1
 
 
 def test_refuses_overwrite_and_incomplete(cube_path, tmp_path, client):
