@@ -347,6 +347,7 @@ def _fdr_grid(grid: Mapping[str, int], shape: tuple[int, int], threads: int) -> 
     k = max(1, FDR_CHUNK_VALUES // (grid[PERTURBATION] * grid[FEATURE]))
     while k > 1 and -(-n_p // k) * n_g < 4 * max(threads, 1):
         k -= 1
+    k = -(-n_p // -(-n_p // k))  # the same number of chunks, as even as whole shards allow
     return {PERTURBATION: k * grid[PERTURBATION], FEATURE: grid[FEATURE]}
 
 

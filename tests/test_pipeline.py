@@ -77,7 +77,7 @@ def test_fdr_pass_chunks():
     grid = {"perturbation": 2048, "feature": 2048}
     assert _fdr_grid(grid, (20000, 20000), 2) == {"perturbation": 8192, "feature": 2048}
     assert _fdr_grid(grid, (5000, 5000), 2) == grid  # 9 blocks: stacking would leave < 8 chunks
-    assert _fdr_grid(grid, (10000, 10000), 2) == {"perturbation": 8192, "feature": 2048}
+    assert _fdr_grid(grid, (10000, 10000), 2) == {"perturbation": 6144, "feature": 2048}  # 3 + 2
     assert _fdr_grid(grid, (10000, 10000), 4) == grid  # 16 chunks for 4 threads: k = 1
 
 
