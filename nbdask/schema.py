@@ -70,7 +70,8 @@ OUTPUTS = _declare(
     Variable("log_dispersion", _PF, "f",
              "Log NB2 dispersion (alpha hat = log phi hat; Var = m + phi m^2).", "float32"),
     Variable("standard_error", _PF, "f", "Standard error of the log fold change.", "float32"),
-    Variable("statistic", _PF, "f", "Wald z, or likelihood-ratio chi-square (1 df).", "float32"),
+    Variable("statistic", _PF, "f", "Wald z; where the conditional exact test gave p, the signed "
+             "normal quantile with that p; or likelihood-ratio chi-square (1 df).", "float32"),
     Variable("p_value", _PF, "f",
              "Two-sided p-value; NaN = untestable (e.g. both groups all zero).", "float64"),
     Variable("q_value", _PF, "f",
