@@ -14,7 +14,8 @@ def summarize(results: xr.Dataset, *, truth: xr.Dataset | None = None) -> dict:
     0.1, the false-positive rate of the nulls at p < 0.05, and mean absolute errors.
     """
     attrs = results.attrs
-    out = {"method": attrs.get("method"), "dispersion": attrs.get("dispersion"), "fdr": attrs.get("fdr"),
+    out = {"method": attrs.get("method"), "dispersion": attrs.get("dispersion"),
+           "test": attrs.get("test"), "fdr": attrs.get("fdr"),
            "n_comparisons": int(attrs.get("n_comparisons", results["p_value"].size))}
     if "n_tests" in attrs and "n_significant_q05" in attrs:
         out["n_tests"] = int(attrs["n_tests"])
