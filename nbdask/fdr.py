@@ -9,13 +9,14 @@ Two exact paths for a dask array of p-values, bit-identical to each other:
 * ``"gather"``: the p-values of the scope go to one task on a worker and are sorted there.
 * ``"buckets"``: for more p-values than one worker holds, or to sort on every worker. The raw
   IEEE-754 bits of a non-negative float64, read as uint64, order like the values, so
-  ``bits >> SHIFT`` cuts [0, 1] into monotone key bins without knowing the distribution. Pass 1 counts p-values per key
-  bin (and the Storey counts); the plan merges adjacent bins into buckets of at most
-  ``bucket_size`` values; each chunk splits its p-values by bucket (keeping only a 2-byte bucket
-  id per position); each bucket is sorted on its own with ranks offset by the counts below it;
-  each chunk gathers its q-values back by those ids and caps them by the carry, the minimum term
-  over higher buckets (exact because a running minimum started at the carry equals the minimum of
-  the uncarried one and the carry). Every task holds one chunk or one bucket.
+  ``bits >> SHIFT`` cuts [0, 1] into monotone key bins without knowing the distribution.
+  Pass 1 counts p-values per key bin (and the Storey counts); the plan merges adjacent bins into
+  buckets of at most ``bucket_size`` values; each chunk splits its p-values by bucket (keeping
+  only a 2-byte bucket id per position); each bucket is sorted on its own with ranks offset by
+  the counts below it; each chunk gathers its q-values back by those ids and caps them by the
+  carry, the minimum term over higher buckets (exact because a running minimum started at the
+  carry equals the minimum of the uncarried one and the carry). Every task holds one chunk or
+  one bucket.
 
 ``fdr="storey"`` multiplies BH q-values by Storey's pi0, estimated from the counts of p >= lambda
 on lambda = 0.05, 0.10, ..., 0.95 with the bootstrap-MSE choice of R's ``qvalue::pi0est``.
@@ -264,22 +265,24 @@ def choose_backend(m: int, *, memory_limit: float | None, threads: int = 1) -> s
     return "buckets" if threads > 1 and m > PARALLEL_MIN_TESTS else "gather"
 
 
-def _workers() -> list[dict]:
-    from .cluster import active_client
+def _workers(client=None) -> list[dict]:
+    if client is None:
+        from .cluster import active_client
 
-    client = active_client()
+        client = active_client()
     return [] if client is None else list(client.scheduler_info()["workers"].values())
 
 
-def worker_memory_limit() -> float | None:
-    """The smallest memory limit among the active client's workers (bytes), if any."""
-    limits = [w.get("memory_limit") or 0 for w in _workers()]
+def worker_memory_limit(client=None) -> float | None:
+    """The smallest memory limit among the workers of ``client`` (default: the active client),
+    in bytes, if any."""
+    limits = [w.get("memory_limit") or 0 for w in _workers(client)]
     return float(min(limits)) if limits and min(limits) > 0 else None
 
 
-def worker_threads() -> int:
-    """Threads over all of the active client's workers (1 without a client)."""
-    return max(1, sum(int(w.get("nthreads") or 1) for w in _workers()))
+def worker_threads(client=None) -> int:
+    """Threads over all workers of ``client`` (default: the active client; 1 without one)."""
+    return max(1, sum(int(w.get("nthreads") or 1) for w in _workers(client)))
 
 
 def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",

@@ -265,7 +265,7 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     machine that reaches the store. Returns the results reopened from the store.
     """
     from .cluster import compute_client
-    from .fdr import adjust
+    from .fdr import adjust, worker_threads
 
     exists = _exists(url, storage_options)
     if resume and not exists:
@@ -299,10 +299,10 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                 stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume)
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
-                threads = sum(w.get("nthreads", 1) for w in active.scheduler_info()["workers"].values())
                 stored = xr.open_zarr(make_store(url, storage_options=storage_options,
                                                  read_only=True), consolidated=False, zarr_format=3,
-                                      chunks=_fdr_grid(grid, results["p_value"].shape, threads),
+                                      chunks=_fdr_grid(grid, results["p_value"].shape,
+                                                       worker_threads(active)),
                                       drop_variables=[DONE_ARRAY])
                 if stats is None:  # resumed: the skipped blocks' counts are in the store
                     from .fdr import counts_graph

@@ -734,7 +734,7 @@ def _ndtri_lower(p):
 
 
 @_jit
-def _exact_block(counts, sf, ctrl, csf, log_dispersion, p_value, max_total, p_out, z_out):
+def _exact_block(counts, sf, ctrl, csf, log_dispersion, max_total, p_out, z_out):
     """Totals, then the exact p and its signed normal quantile where the kernel's p is finite
     and 0 < total <= max_total (``p_out``/``z_out`` hold the kernel's values on entry)."""
     P, G, R = counts.shape
@@ -760,7 +760,7 @@ def _exact_block(counts, sf, ctrl, csf, log_dispersion, p_value, max_total, p_ou
         if l_t <= 0:
             continue
         for g in range(G):
-            if not math.isfinite(p_value[p, g]):
+            if not math.isfinite(p_out[p, g]):
                 continue
             obs = 0.0
             for i in range(n):
@@ -785,6 +785,6 @@ def exact_fused(counts, size_factor, control_counts, control_size_factor, log_di
     p_out = np.array(p_value, dtype=np.float64)
     z_out = np.array(statistic, dtype=np.float32)
     _exact_block(counts, np.asarray(size_factor, np.float64), control_counts,
-                 np.asarray(control_size_factor, np.float64), log_dispersion, p_out,
-                 float(max_total), p_out, z_out)
+                 np.asarray(control_size_factor, np.float64), log_dispersion, float(max_total),
+                 p_out, z_out)
     return p_out, z_out
