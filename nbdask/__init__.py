@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "CubeError": "errors", "NbdaskError": "errors", "OptionError": "errors",
-    "ResultsError": "errors", "StoreError": "errors",
+    "ResultsError": "errors", "SourceError": "errors", "StoreError": "errors",
     "describe": "io", "open_cube": "io", "open_results": "io", "save_cube": "io",
     "save_results": "io", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
+    "from_anndata": "importers.anndata", "from_table": "importers.table",
 }
 
 __all__ = ["fdr", *_PUBLIC]

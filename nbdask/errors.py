@@ -12,6 +12,10 @@ class CubeError(NbdaskError, ValueError):
     """The count cube does not follow the input schema (design §2)."""
 
 
+class SourceError(CubeError):
+    """Input data (an AnnData, a count table, a sample sheet) cannot be imported as a cube."""
+
+
 class ResultsError(NbdaskError, ValueError):
     """A results store is missing, incomplete, or would be overwritten."""
 

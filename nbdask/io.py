@@ -18,7 +18,8 @@ from .schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, REPLICATE
 
 logger = logging.getLogger("nbdask")
 
-#: Group attribute that marks a results store; "complete" is written last, after all data.
+#: Group attribute that marks a results store (and an imported cube); "complete" is written
+#: last, after all data.
 STATUS_ATTR = "nbdask_status"
 #: Target side of an inner (independently readable) chunk within a shard, per 2-D axis.
 INNER_CHUNK = 512
@@ -114,6 +115,10 @@ def open_cube(url: str, *, chunks: Mapping[str, int] | None = None,
     if "counts" not in group:
         raise CubeError(f"counts: missing from {url} (it has {sorted(group.array_keys())}); "
                         f"is this a count cube? See the cube schema in the README")
+    status = group.attrs.get(STATUS_ATTR)
+    if status is not None and status != "complete":
+        raise CubeError(f"{url}: the cube is {status}, not complete (the import that wrote it "
+                        f"failed or was interrupted); rerun the import with --overwrite")
     counts = group["counts"]
     if counts.ndim != 3:
         raise CubeError(f"counts: has {counts.ndim} dims, expected 3 "

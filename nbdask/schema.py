@@ -61,6 +61,20 @@ TRUTH = _declare(
              "Simulation truth: log NB2 dispersion (Var = m + phi m^2).", "float32"),
 )
 
+#: Where an imported cube's replicates came from (nbdask.from_anndata / from_table).
+PROVENANCE = _declare(
+    Variable("replicate_sample", (PERTURBATION, REPLICATE), "UO",
+             "Imported cubes: the sample each treated replicate was summed from; empty where absent.",
+             "str"),
+    Variable("replicate_cells", (PERTURBATION, REPLICATE), "i",
+             "Imported single-cell cubes: cells summed into each treated replicate; 0 where absent.",
+             "int64"),
+    Variable("control_sample", (CONTROL_REPLICATE,), "UO",
+             "Imported cubes: the sample each control replicate was summed from.", "str"),
+    Variable("control_cells", (CONTROL_REPLICATE,), "i",
+             "Imported single-cell cubes: control cells summed into each control replicate.", "int64"),
+)
+
 _PF = (PERTURBATION, FEATURE)
 OUTPUTS = _declare(
     Variable("log_base_mean", _PF, "f",

@@ -1,0 +1,176 @@
+"""Pseudobulk sums streamed from chunks of cells into cube-shaped blocks.
+
+Each chunk of cells (rows of X, dense or CSR) is summed per destination row with one sparse
+indicator-matrix product, ``I @ X_chunk`` (I: rows present in the chunk x cells), and the
+nonzero sums are cut into the cube's (perturbation shard, feature shard) blocks at once. Every
+block is then a tree sum over the chunks (``SPLIT_EVERY`` at a time), so a worker holds a few
+cell chunks and a few dense blocks, never all cells nor the whole cube.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import dask
+import dask.array as da
+import numpy as np
+from scipy import sparse
+
+from ..errors import SourceError
+from .groups import Groups
+
+#: Chunks (or partial sums) added in one task of the reduction tree.
+SPLIT_EVERY = 8
+
+
+def _first(mask: np.ndarray, x) -> tuple[int, int]:
+    """(cell, gene) of the first True of ``mask`` over the stored values of ``x``."""
+    i = int(np.flatnonzero(mask)[0])
+    if sparse.issparse(x):
+        indptr = x.indptr
+        return int(np.searchsorted(indptr, i, side="right") - 1), int(x.indices[i])
+    return divmod(i, x.shape[1])
+
+
+#: What to do about values that are not counts (single-cell: the usual culprit is X normalised).
+COUNTS_FIX = ("pass raw integer counts (e.g. the layer that holds them: layer='counts', --layer "
+              "counts), not normalised or log values")
+
+
+def checked_float(x, *, source: str, first_cell: int = 0, unit: str = "cell", names=None,
+                  fix: str = COUNTS_FIX):
+    """``x`` as float64 (dense or CSR), after checking its values are counts.
+
+    Raises ``SourceError`` naming ``source``, the problem and the first bad value's row (a
+    ``unit``, 0-based position ``first_cell`` + i, or ``names[0][i]``) and column (gene, or
+    ``names[1][j]``).
+    """
+    if sparse.issparse(x):
+        x = sparse.csr_matrix(x)
+        values = x.data
+    else:
+        x = np.asarray(x)
+        values = x.reshape(-1)
+    if values.dtype.kind == "b":
+        values = values.view(np.uint8)
+    problems = []
+    if values.dtype.kind == "f":
+        problems.append(("NaN or infinite", ~np.isfinite(values)))
+    if values.dtype.kind in "if":
+        problems.append(("negative", values < 0))
+    if values.dtype.kind == "f":
+        problems.append(("non-integer", np.isfinite(values) & (values != np.floor(values))))
+    if values.dtype.kind not in "biuf":
+        raise SourceError(f"{source}: values of dtype {values.dtype} are not numbers; {fix}")
+    for what, mask in problems:
+        if mask.any():
+            row, col = _first(mask, x)
+            if names is not None:
+                scope, at = "", f"{unit} {names[0][row]!r}, feature {names[1][col]!r}"
+            else:
+                scope = f" in {unit}s {first_cell}-{first_cell + x.shape[0] - 1}"
+                at = f"{unit} {first_cell + row} (0-based), gene {col}"
+            raise SourceError(f"{source}: {int(mask.sum())} {what} value(s){scope}, e.g. "
+                              f"{values[mask][0]} at {at}; {fix}")
+    return x.astype(np.float64)
+
+
+def _partial(x, rows, *, source, first_cell, n_treated_rows, rows_per_block, n_blocks,
+             feature_shard, n_features):
+    """Sums of one cell chunk, cut into blocks: {(b, h): (flat index in block, value)}.
+
+    b < n_blocks is a perturbation block (rows_per_block = perturbation shard x R), b ==
+    n_blocks the control block; h is the feature block.
+    """
+    x = checked_float(x, source=source, first_cell=first_cell)
+    keep = rows >= 0
+    if not keep.any():
+        return {}
+    targets, inverse = np.unique(rows[keep], return_inverse=True)
+    indicator = sparse.csr_matrix((np.ones(inverse.size), (inverse, np.flatnonzero(keep))),
+                                  shape=(targets.size, x.shape[0]))
+    sums = sparse.coo_matrix(indicator @ x)
+    row, col, val = targets[sums.row], sums.col.astype(np.int64), sums.data
+    control = row >= n_treated_rows
+    b = np.where(control, n_blocks, row // rows_per_block)
+    local_row = np.where(control, row - n_treated_rows, row - b * rows_per_block)
+    h = col // feature_shard
+    width = np.minimum(feature_shard, n_features - h * feature_shard)
+    flat = local_row * width + (col - h * feature_shard)
+    n_h = -(-n_features // feature_shard)
+    key = b * n_h + h
+    order = np.argsort(key, kind="stable")
+    key, flat, val = key[order], flat[order], val[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.array([], int)
+    ends = np.r_[starts[1:], key.size]
+    return {divmod(int(key[s]), n_h): (flat[s:e], val[s:e]) for s, e in zip(starts, ends)}
+
+
+def _leaf(partials, *, block, size):
+    """Dense sum (float64, flat) of one block over a few cell chunks."""
+    pieces = [p[block] for p in partials if block in p]
+    if not pieces:
+        return np.zeros(size)
+    return np.bincount(np.concatenate([f for f, _ in pieces]),
+                       np.concatenate([v for _, v in pieces]), minlength=size)
+
+
+def _add(parts):
+    total = np.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].copy()
+    for part in parts[2:]:
+        total += part
+    return total
+
+
+def _finish(parts, *, shape, order):
+    """Sum the last level and lay it out as the cube block (int64)."""
+    return np.ascontiguousarray(np.rint(_add(parts)).astype(np.int64).reshape(shape).transpose(order))
+
+
+def _reduce(partials: list, *, block, size, shape, order):
+    leaf = dask.delayed(partial(_leaf, block=block, size=size), pure=True)
+    add = dask.delayed(_add, pure=True)
+    nodes = [leaf(partials[i:i + SPLIT_EVERY]) for i in range(0, len(partials), SPLIT_EVERY)]
+    while len(nodes) > SPLIT_EVERY:
+        nodes = [add(nodes[i:i + SPLIT_EVERY]) for i in range(0, len(nodes), SPLIT_EVERY)]
+    return dask.delayed(partial(_finish, shape=shape, order=order), pure=True)(nodes)
+
+
+def _edges(n: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def pseudobulk(cell_chunks: list, cell_starts: list[int], groups: Groups, *, n_features: int,
+               shards: tuple[int, int], source: str) -> tuple[da.Array, da.Array]:
+    """Lazy ``counts`` (P, G, R) and ``control_counts`` (G, C), int64, dask chunks = ``shards``.
+
+    ``cell_chunks`` are delayed (cells x genes) blocks, dense or sparse, starting at the cells
+    ``cell_starts``; ``groups.row`` says where each cell goes.
+    """
+    n_pert, n_rep, n_ctrl = groups.shape
+    p_shard, g_shard = (max(1, min(s, n)) for s, n in zip(shards, (n_pert, n_features)))
+    p_edges, g_edges = _edges(n_pert, p_shard), _edges(n_features, g_shard)
+    geometry = dict(source=source, n_treated_rows=n_pert * n_rep, rows_per_block=p_shard * n_rep,
+                    n_blocks=len(p_edges), feature_shard=g_shard, n_features=n_features)
+    ends = list(cell_starts[1:]) + [len(groups.row)]
+    task = dask.delayed(_partial, pure=True)
+    partials = [task(chunk, groups.row[start:end], first_cell=start, **geometry)
+                for chunk, start, end in zip(cell_chunks, cell_starts, ends)]
+    rows = []
+    for b, (p0, p1) in enumerate(p_edges):
+        row = []
+        for h, (g0, g1) in enumerate(g_edges):
+            shape = (p1 - p0, n_rep, g1 - g0)
+            block = _reduce(partials, block=(b, h), size=int(np.prod(shape)), shape=shape,
+                            order=(0, 2, 1))
+            row.append(da.from_delayed(block, shape=(p1 - p0, g1 - g0, n_rep), dtype=np.int64,
+                                       meta=np.empty((0, 0, 0), np.int64)))
+        rows.append(da.concatenate(row, axis=1))
+    control = []
+    for h, (g0, g1) in enumerate(g_edges):
+        shape = (n_ctrl, g1 - g0)
+        block = _reduce(partials, block=(len(p_edges), h), size=int(np.prod(shape)), shape=shape,
+                        order=(1, 0))
+        control.append(da.from_delayed(block, shape=(g1 - g0, n_ctrl), dtype=np.int64,
+                                       meta=np.empty((0, 0), np.int64)))
+    return da.concatenate(rows, axis=0), da.concatenate(control, axis=0)
