@@ -1,4 +1,4 @@
-"""``nbdask`` command line: simulate | info | test | report | train."""
+"""``nbdask`` command line: simulate | import | info | test | report | train."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--overwrite", action="store_true")
     sim.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
+    from .importers.cli import add_parser as add_import
+
+    add_import(sub, lambda p: p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                                             help="fsspec option of the output store"))
+
     info = sub.add_parser("info", help="dims, chunks/shards, dtypes and validation verdict of a cube")
     info.add_argument("cube")
     info.add_argument("--quick", action="store_true", help="skip the full scan of counts values")
@@ -114,6 +119,12 @@ def _train(args) -> int:
     from .train.cli import run
 
     return run(args)
+
+
+def _import(args) -> int:
+    from .importers.cli import run
+
+    return run(args, _storage_options(args.storage_option))
 
 
 def _simulate(args) -> int:
@@ -208,14 +219,14 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _report, "train": _train}
+COMMANDS = {"simulate": _simulate, "import": _import, "info": _info, "test": _test, "report": _report, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
-    if args.command in ("test", "simulate", "info", "report"):
+    if args.command in ("test", "simulate", "import", "info", "report"):
         importlib.import_module("distributed")  # its import sets its loggers' levels; ours go after
     for name in ("distributed", "nbdask"):
         logging.getLogger(name).setLevel(level)

@@ -21,7 +21,7 @@ from scipy import sparse
 from ..errors import SourceError
 from . import cube as cubemod
 from .groups import assign_groups
-from .pseudobulk import pseudobulk
+from .pseudobulk import describe_problems, find_problem, pseudobulk
 from .size_factors import check_option
 
 #: Groups with fewer cells than this are absent replicates (NaN size factor).
@@ -178,7 +178,8 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
                  layer: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
                  size_factors="ratio", store: str | None = None,
                  shards: int | tuple[int, int] = DEFAULT_SHARDS, chunk_cells: int | None = None,
-                 overwrite: bool = False, storage_options: Mapping | None = None, client=None):
+                 overwrite: bool = False, storage_options: Mapping | None = None, client=None,
+                 progress: bool = False):
     """Pseudobulk a Perturb-seq AnnData into a count cube (design §2).
 
     Parameters
@@ -203,6 +204,9 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
         Shard (= dask chunk) size along perturbation and feature (one int for both, or a pair).
     chunk_cells
         Cells per chunk read by one task (default: about 64 MiB of float64 for dense X).
+    overwrite, storage_options, client, progress
+        With ``store``: replace an existing store; fsspec options for it; where to compute
+        (default: the active client, else a LocalCluster for the call); a progress bar.
 
     Returns
     -------
@@ -211,37 +215,53 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
     ``replicate_cells``, ``control_sample``, ``control_cells``, and attrs summarising the import
     (cells used, groups dropped below ``min_cells``).
     """
+    pending = prepare(adata, perturbation_key=perturbation_key, sample_key=sample_key,
+                      control=control, layer=layer, min_cells=min_cells,
+                      size_factors=size_factors, shards=shards, chunk_cells=chunk_cells)
+    if store is None:
+        return cubemod.in_memory(pending)
+    return cubemod.write(pending, store, overwrite=overwrite, storage_options=storage_options,
+                         client=client, progress=progress)
+
+
+def prepare(adata, *, perturbation_key: str, sample_key: str, control, layer: str | None = None,
+            min_cells: int = DEFAULT_MIN_CELLS, size_factors="ratio",
+            shards: int | tuple[int, int] = DEFAULT_SHARDS,
+            chunk_cells: int | None = None) -> cubemod.Pending:
+    """Check everything that can be checked without reading all counts (the first chunk of
+    cells is read and checked here, so a normalised X fails at once) and lay out the lazy
+    pseudobulk."""
     source = open_source(adata, layer=layer)
     try:
-        return _import(source, perturbation_key=perturbation_key, sample_key=sample_key,
-                       control=control, min_cells=min_cells, size_factors=size_factors,
-                       store=store, shards=shards, chunk_cells=chunk_cells, overwrite=overwrite,
-                       storage_options=storage_options, client=client)
+        _check_key(source, perturbation_key, "perturbation_key")
+        _check_key(source, sample_key, "sample_key")
+        groups = assign_groups(source.obs_column(perturbation_key), source.obs_column(sample_key),
+                               control=control, min_cells=min_cells,
+                               perturbation_key=perturbation_key, sample_key=sample_key)
+        option = check_option(size_factors, source.shape[0], "cell")
+        var_names = pd.Index(source.var_names)
+        if not var_names.is_unique:
+            dup = var_names[var_names.duplicated()].unique()[:3].tolist()
+            raise SourceError(f"{source.name}: var_names are not unique (e.g. {dup}); make them "
+                              f"unique (adata.var_names_make_unique()) so every feature has its "
+                              f"own label")
+        p_shard, g_shard = (shards, shards) if isinstance(shards, int) else shards
+        cells, starts = source.chunks(chunk_cells)
     finally:
-        source.close()
+        source.close()  # the read tasks open the file themselves
 
+    def describe(problems, scanned=None):
+        return describe_problems(problems, source=f"{source.name}: {source.element}",
+                                 columns=var_names, scanned=scanned)
 
-def _import(source: Source, *, perturbation_key, sample_key, control, min_cells, size_factors,
-            store, shards, chunk_cells, overwrite, storage_options, client):
-    _check_key(source, perturbation_key, "perturbation_key")
-    _check_key(source, sample_key, "sample_key")
-    groups = assign_groups(source.obs_column(perturbation_key), source.obs_column(sample_key),
-                           control=control, min_cells=min_cells, perturbation_key=perturbation_key,
-                           sample_key=sample_key)
-    option = check_option(size_factors, source.shape[0], "cell")
-    var_names = pd.Index(source.var_names)
-    if not var_names.is_unique:
-        dup = var_names[var_names.duplicated()].unique()[:3].tolist()
-        raise SourceError(f"{source.name}: var_names are not unique (e.g. {dup}); make them unique "
-                          f"(adata.var_names_make_unique()) so every feature has its own label")
-    p_shard, g_shard = (shards, shards) if isinstance(shards, int) else shards
-    cells, starts = source.chunks(chunk_cells)
-    counts, control_counts = pseudobulk(cells, starts, groups, n_features=len(var_names),
-                                        shards=(p_shard, g_shard), source=source.element)
+    if cells:
+        first = find_problem(cells[0].compute(scheduler="sync"))[1]
+        if first is not None:
+            raise SourceError(describe([first], scanned=starts[1] if len(starts) > 1 else None))
+    counts, control_counts, problems = pseudobulk(cells, starts, groups,
+                                                  n_features=len(var_names),
+                                                  shards=(p_shard, g_shard))
     attrs = {"source": source.name, "source_element": source.element,
              "perturbation_key": perturbation_key, "sample_key": sample_key, **groups.summary}
     cube = cubemod.assemble(groups, counts, control_counts, var_names, attrs)
-    if store is None:
-        return cubemod.in_memory(cube, groups, option)
-    return cubemod.write(cube, store, groups, option, overwrite=overwrite,
-                         storage_options=storage_options, client=client)
+    return cubemod.Pending(cube, groups, option, problems, describe)

@@ -9,6 +9,7 @@ cell chunks and a few dense blocks, never all cells nor the whole cube.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import dask
@@ -16,20 +17,49 @@ import dask.array as da
 import numpy as np
 from scipy import sparse
 
-from ..errors import SourceError
 from .groups import Groups
 
 #: Chunks (or partial sums) added in one task of the reduction tree.
 SPLIT_EVERY = 8
 
 
-def _first(mask: np.ndarray, x) -> tuple[int, int]:
-    """(cell, gene) of the first True of ``mask`` over the stored values of ``x``."""
-    i = int(np.flatnonzero(mask)[0])
+@dataclass(frozen=True)
+class Problem:
+    """Values of one chunk that are not counts: what, how many, the first one and where."""
+
+    what: str
+    count: int
+    example: float
+    row: int      # position among all cells (or samples)
+    column: int   # feature position
+
+
+def find_problem(x, first_row: int = 0):
+    """(``x`` as float64 dense or CSR, the chunk's first ``Problem`` or None)."""
     if sparse.issparse(x):
-        indptr = x.indptr
-        return int(np.searchsorted(indptr, i, side="right") - 1), int(x.indices[i])
-    return divmod(i, x.shape[1])
+        x = sparse.csr_matrix(x)
+        values = x.data
+    else:
+        x = np.asarray(x)
+        values = x.reshape(-1)
+    if values.dtype.kind not in "biuf":
+        return x, Problem(f"non-numeric ({values.dtype})", values.size, np.nan, first_row, 0)
+    checks = []
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        checks = [("NaN or infinite", ~finite), ("negative", values < 0),
+                  ("non-integer", finite & (values != np.floor(values)))]
+    elif values.dtype.kind == "i":
+        checks = [("negative", values < 0)]
+    for what, mask in checks:
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            if sparse.issparse(x):
+                row, col = int(np.searchsorted(x.indptr, i, side="right") - 1), int(x.indices[i])
+            else:
+                row, col = divmod(i, x.shape[1])
+            return x, Problem(what, int(mask.sum()), float(values[i]), first_row + row, col)
+    return x.astype(np.float64), None
 
 
 #: What to do about values that are not counts (single-cell: the usual culprit is X normalised).
@@ -37,55 +67,34 @@ COUNTS_FIX = ("pass raw integer counts (e.g. the layer that holds them: layer='c
               "counts), not normalised or log values")
 
 
-def checked_float(x, *, source: str, first_cell: int = 0, unit: str = "cell", names=None,
-                  fix: str = COUNTS_FIX):
-    """``x`` as float64 (dense or CSR), after checking its values are counts.
-
-    Raises ``SourceError`` naming ``source``, the problem and the first bad value's row (a
-    ``unit``, 0-based position ``first_cell`` + i, or ``names[0][i]``) and column (gene, or
-    ``names[1][j]``).
-    """
-    if sparse.issparse(x):
-        x = sparse.csr_matrix(x)
-        values = x.data
-    else:
-        x = np.asarray(x)
-        values = x.reshape(-1)
-    if values.dtype.kind == "b":
-        values = values.view(np.uint8)
-    problems = []
-    if values.dtype.kind == "f":
-        problems.append(("NaN or infinite", ~np.isfinite(values)))
-    if values.dtype.kind in "if":
-        problems.append(("negative", values < 0))
-    if values.dtype.kind == "f":
-        problems.append(("non-integer", np.isfinite(values) & (values != np.floor(values))))
-    if values.dtype.kind not in "biuf":
-        raise SourceError(f"{source}: values of dtype {values.dtype} are not numbers; {fix}")
-    for what, mask in problems:
-        if mask.any():
-            row, col = _first(mask, x)
-            if names is not None:
-                scope, at = "", f"{unit} {names[0][row]!r}, feature {names[1][col]!r}"
-            else:
-                scope = f" in {unit}s {first_cell}-{first_cell + x.shape[0] - 1}"
-                at = f"{unit} {first_cell + row} (0-based), gene {col}"
-            raise SourceError(f"{source}: {int(mask.sum())} {what} value(s){scope}, e.g. "
-                              f"{values[mask][0]} at {at}; {fix}")
-    return x.astype(np.float64)
+def describe_problems(problems, *, source: str, columns, unit: str = "cell", rows=None,
+                      fix: str = COUNTS_FIX, scanned: int | None = None) -> str | None:
+    """One line for the first problem (in row order) and how often its kind occurs (among the
+    first ``scanned`` rows when only those were read); or None."""
+    found = [p for p in problems if p is not None]
+    if not found:
+        return None
+    first = min(found, key=lambda p: p.row)
+    total = sum(p.count for p in found if p.what == first.what)
+    row = repr(str(rows[first.row])) if rows is not None else f"{first.row} (0-based row)"
+    where = f" in the first {scanned:,} {unit}s" if scanned else ""
+    return (f"{source}: {total:,} {first.what} value(s){where}, e.g. {first.example:g} at {unit} {row}, "
+            f"feature {str(columns[first.column])!r}; {fix}")
 
 
-def _partial(x, rows, *, source, first_cell, n_treated_rows, rows_per_block, n_blocks,
+def _partial(x, rows, *, first_cell, n_treated_rows, rows_per_block, n_blocks,
              feature_shard, n_features):
-    """Sums of one cell chunk, cut into blocks: {(b, h): (flat index in block, value)}.
+    """Sums of one cell chunk, cut into blocks: ({(b, h): (flat index in block, value)},
+    ``Problem`` or None). Values that are not counts are reported, not raised: a task that
+    raises makes every worker log the traceback, where the client can say it in one line.
 
     b < n_blocks is a perturbation block (rows_per_block = perturbation shard x R), b ==
     n_blocks the control block; h is the feature block.
     """
-    x = checked_float(x, source=source, first_cell=first_cell)
+    x, problem = find_problem(x, first_cell)
     keep = rows >= 0
-    if not keep.any():
-        return {}
+    if problem is not None or not keep.any():
+        return {}, problem  # the problem fails the import once every chunk has been seen
     targets, inverse = np.unique(rows[keep], return_inverse=True)
     indicator = sparse.csr_matrix((np.ones(inverse.size), (inverse, np.flatnonzero(keep))),
                                   shape=(targets.size, x.shape[0]))
@@ -103,12 +112,12 @@ def _partial(x, rows, *, source, first_cell, n_treated_rows, rows_per_block, n_b
     key, flat, val = key[order], flat[order], val[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.array([], int)
     ends = np.r_[starts[1:], key.size]
-    return {divmod(int(key[s]), n_h): (flat[s:e], val[s:e]) for s, e in zip(starts, ends)}
+    return {divmod(int(key[s]), n_h): (flat[s:e], val[s:e]) for s, e in zip(starts, ends)}, None
 
 
 def _leaf(partials, *, block, size):
     """Dense sum (float64, flat) of one block over a few cell chunks."""
-    pieces = [p[block] for p in partials if block in p]
+    pieces = [p[0][block] for p in partials if block in p[0]]
     if not pieces:
         return np.zeros(size)
     return np.bincount(np.concatenate([f for f, _ in pieces]),
@@ -140,9 +149,14 @@ def _edges(n: int, step: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _problem(partial_sums):
+    return partial_sums[1]
+
+
 def pseudobulk(cell_chunks: list, cell_starts: list[int], groups: Groups, *, n_features: int,
-               shards: tuple[int, int], source: str) -> tuple[da.Array, da.Array]:
-    """Lazy ``counts`` (P, G, R) and ``control_counts`` (G, C), int64, dask chunks = ``shards``.
+               shards: tuple[int, int]):
+    """Lazy ``counts`` (P, G, R) and ``control_counts`` (G, C), int64, dask chunks = ``shards``,
+    and a Delayed list of each chunk's ``Problem`` (or None) to check once they are computed.
 
     ``cell_chunks`` are delayed (cells x genes) blocks, dense or sparse, starting at the cells
     ``cell_starts``; ``groups.row`` says where each cell goes.
@@ -150,7 +164,7 @@ def pseudobulk(cell_chunks: list, cell_starts: list[int], groups: Groups, *, n_f
     n_pert, n_rep, n_ctrl = groups.shape
     p_shard, g_shard = (max(1, min(s, n)) for s, n in zip(shards, (n_pert, n_features)))
     p_edges, g_edges = _edges(n_pert, p_shard), _edges(n_features, g_shard)
-    geometry = dict(source=source, n_treated_rows=n_pert * n_rep, rows_per_block=p_shard * n_rep,
+    geometry = dict(n_treated_rows=n_pert * n_rep, rows_per_block=p_shard * n_rep,
                     n_blocks=len(p_edges), feature_shard=g_shard, n_features=n_features)
     ends = list(cell_starts[1:]) + [len(groups.row)]
     task = dask.delayed(_partial, pure=True)
@@ -173,4 +187,5 @@ def pseudobulk(cell_chunks: list, cell_starts: list[int], groups: Groups, *, n_f
                         order=(1, 0))
         control.append(da.from_delayed(block, shape=(g1 - g0, n_ctrl), dtype=np.int64,
                                        meta=np.empty((0, 0), np.int64)))
-    return da.concatenate(rows, axis=0), da.concatenate(control, axis=0)
+    problems = dask.delayed(list, pure=True)([dask.delayed(_problem, pure=True)(p) for p in partials])
+    return da.concatenate(rows, axis=0), da.concatenate(control, axis=0), problems

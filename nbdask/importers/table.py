@@ -19,7 +19,7 @@ import pandas as pd
 from ..errors import SourceError
 from . import cube as cubemod
 from .groups import assign_groups
-from .pseudobulk import checked_float, pseudobulk
+from .pseudobulk import describe_problems, find_problem, pseudobulk
 from .size_factors import check_option
 
 #: Default shard (= dask chunk) of the cube along perturbation and feature.
@@ -87,7 +87,7 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
 def from_table(counts, samples, *, group_column: str, control, size_factors="ratio",
                sample_column: str | None = None, store: str | None = None,
                shards: int | tuple[int, int] = DEFAULT_SHARDS, overwrite: bool = False,
-               storage_options: Mapping | None = None, client=None):
+               storage_options: Mapping | None = None):
     """A bulk count table and its sample sheet as a count cube (design §2).
 
     Parameters
@@ -119,15 +119,19 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     option = check_option(size_factors, len(sheet), "sample")
     groups = assign_groups(sheet[group_column], sheet.index, control=control, min_cells=1,
                            perturbation_key=group_column, sample_key="sample id", unit="sample")
-    matrix = checked_float(table.to_numpy().T, source=name, unit="sample",
-                           names=(sheet.index, table.index), fix=TABLE_FIX)
+    matrix, problem = find_problem(table.to_numpy().T)
+    if problem is not None:
+        raise SourceError(describe_problems([problem], source=name, columns=table.index,
+                                            unit="sample", rows=sheet.index, fix=TABLE_FIX))
     p_shard, g_shard = (shards, shards) if isinstance(shards, int) else shards
-    counts_, control_ = pseudobulk([dask.delayed(matrix)], [0], groups, n_features=len(table),
-                                   shards=(p_shard, g_shard), source=name)
+    counts_, control_, problems = pseudobulk([dask.delayed(matrix)], [0], groups,
+                                             n_features=len(table), shards=(p_shard, g_shard))
     summary = {k: v for k, v in groups.summary.items() if k != "min_cells"}
     attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary}
-    cube = cubemod.assemble(groups, counts_, control_, table.index, attrs)
+    cube = cubemod.in_memory(cubemod.Pending(
+        cubemod.assemble(groups, counts_, control_, table.index, attrs), groups, option,
+        problems, lambda found: None))
     if store is None:
-        return cubemod.in_memory(cube, groups, option)
-    return cubemod.write(cube, store, groups, option, overwrite=overwrite,
-                         storage_options=storage_options, client=client)
+        return cube
+    return cubemod.write(cube, store, shards=(p_shard, g_shard), overwrite=overwrite,
+                         storage_options=storage_options)

@@ -1,0 +1,145 @@
+"""``nbdask import anndata | table``: the command line of the importers."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import time
+
+import numpy as np
+
+from .size_factors import METHODS
+
+_FORMAT = argparse.RawDescriptionHelpFormatter
+ANNDATA_CMD = ("nbdask import anndata screen.h5ad screen.zarr --perturbation-key guide "
+               "--sample-key donor \\\n      --control NTC-1 --control NTC-2 --min-cells 10 --workers 2")
+TABLE_CMD = ("nbdask import table counts.tsv bulk.zarr --samples samples.tsv "
+             "--group-column condition \\\n      --control untreated")
+
+
+def _text(paragraph: str) -> str:
+    return textwrap.fill(paragraph, width=88)
+
+
+def add_parser(sub, storage_option) -> None:
+    """The ``import`` command and its two sources, on the top-level subparsers ``sub``."""
+    imp = sub.add_parser(
+        "import", help="turn a Perturb-seq AnnData or a bulk count table into a count cube",
+        description=_text("Turn real data into a count cube (sharded Zarr v3) for `nbdask test`: "
+                    "single cells are summed per (perturbation, sample), bulk samples are "
+                    "grouped by condition."),
+        epilog=f"examples:\n  {ANNDATA_CMD}\n  {TABLE_CMD}", formatter_class=_FORMAT)
+    kinds = imp.add_subparsers(dest="source", required=True, metavar="{anndata,table}")
+
+    ad = kinds.add_parser(
+        "anndata", help="pseudobulk an .h5ad file or AnnData .zarr store, streamed on dask workers",
+        description=_text("Sum each (perturbation, sample) group of cells into one treated replicate and "
+                    "the control cells of each sample into one control replicate; groups below "
+                    "--min-cells are left out as absent replicates. The cells are read in chunks "
+                    "on the workers and summed straight into the cube's shards."),
+        epilog=f"example:\n  {ANNDATA_CMD}", formatter_class=_FORMAT)
+    ad.add_argument("input", help="an .h5ad file or an AnnData .zarr store")
+    ad.add_argument("cube", help="output Zarr path or URL")
+    ad.add_argument("--perturbation-key", required=True, help="obs column of each cell's perturbation")
+    ad.add_argument("--sample-key", required=True, help="obs column of each cell's sample")
+    ad.add_argument("--control", action="append", required=True,
+                    help="control label; repeat it to pool several (e.g. non-targeting guides)")
+    ad.add_argument("--layer", help="the layer holding raw counts (default: X)")
+    ad.add_argument("--min-cells", type=int, default=10,
+                    help="groups with fewer cells are absent replicates (default 10)")
+    ad.add_argument("--chunk-cells", type=int, help="cells read per task (default: ~64 MiB of X)")
+    ad.add_argument("--no-progress", action="store_true")
+    where = ad.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
+    where.add_argument("--scheduler", help="address of a running dask scheduler")
+    _common(ad, storage_option)
+
+    tab = kinds.add_parser(
+        "table", help="a bulk genes x samples count table and its sample sheet",
+        description=_text("Every group of --group-column other than the control becomes one "
+                    "perturbation tested against the control group; its samples are its "
+                    "replicates. The table's first column holds gene ids, its header sample ids "
+                    "(.csv: commas, .tsv/.txt: tabs)."),
+        epilog=f"example:\n  {TABLE_CMD}", formatter_class=_FORMAT)
+    tab.add_argument("counts", help="genes x samples count table (.tsv, .txt or .csv, may be gzipped)")
+    tab.add_argument("cube", help="output Zarr path or URL")
+    tab.add_argument("--samples", required=True, help="sample sheet: one row per sample")
+    tab.add_argument("--group-column", required=True, help="the sheet's condition column")
+    tab.add_argument("--control", action="append", required=True,
+                     help="the control group's label (repeat to pool several)")
+    tab.add_argument("--sample-column", help="the sheet's sample id column (default: the first)")
+    _common(tab, storage_option)
+
+
+def _common(parser, storage_option) -> None:
+    parser.add_argument("--size-factors", default="ratio", choices=METHODS,
+                        help="ratio: DESeq2 median of ratios (default); poscounts: its variant for "
+                             "sparse data; total: library sizes")
+    parser.add_argument("--shards", type=int, default=1024,
+                        help="shard (= dask chunk) size along perturbation and feature")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cube")
+    storage_option(parser)
+
+
+def run(args, storage_options: dict) -> int:
+    start = time.perf_counter()
+    if args.source == "anndata":
+        from ..cluster import compute_client
+        from .anndata import prepare
+        from .cube import check_destination, write
+
+        # Everything checkable without reading counts fails before a cluster starts.
+        pending = prepare(args.input, perturbation_key=args.perturbation_key,
+                          sample_key=args.sample_key, control=args.control, layer=args.layer,
+                          min_cells=args.min_cells, size_factors=args.size_factors,
+                          shards=args.shards, chunk_cells=args.chunk_cells)
+        check_destination(args.cube, overwrite=args.overwrite, storage_options=storage_options)
+        with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+            cube = write(pending, args.cube, overwrite=args.overwrite,
+                         storage_options=storage_options, client=client,
+                         progress=not args.no_progress)
+        source = args.input
+    else:
+        from .table import from_table
+
+        cube = from_table(args.counts, args.samples, group_column=args.group_column,
+                          control=args.control, size_factors=args.size_factors,
+                          sample_column=args.sample_column, store=args.cube, shards=args.shards,
+                          overwrite=args.overwrite, storage_options=storage_options)
+        source = args.counts
+    print()
+    for line in summary_lines(cube):
+        print(line)
+    print(f"wall time            {time.perf_counter() - start:.1f} s")
+    print(f"{source} -> {args.cube}; next: nbdask test {args.cube} RESULTS.zarr")
+    return 0
+
+
+def summary_lines(cube) -> list[str]:
+    """What the import made of the data, as a person reads it."""
+    a = cube.attrs
+    unit = "cell" if "replicate_cells" in cube else "sample"
+    present = np.isfinite(cube["size_factor"].values)
+    per = present.sum(axis=1)
+    sf = np.r_[cube["size_factor"].values[present], cube["control_size_factor"].values]
+    lines = [
+        f"perturbations        {cube.sizes['perturbation']:,}",
+        f"features             {cube.sizes['feature']:,}",
+        f"treated replicates   {int(present.sum()):,} ({int(per.min())}-{int(per.max())} per "
+        f"perturbation; replicate axis {cube.sizes['replicate']})",
+        f"control replicates   {cube.sizes['control_replicate']} (samples "
+        f"{', '.join(cube['control_sample'].values[:6].tolist())}"
+        f"{', ...' if cube.sizes['control_replicate'] > 6 else ''}; control "
+        f"{'labels' if len(a['control_labels']) > 1 else 'label'} {', '.join(a['control_labels'])})",
+        f"{unit + 's used':<20} {a[f'n_{unit}s_used']:,} of {a[f'n_{unit}s']:,}"
+        f" ({a[f'n_{unit}s_unlabelled']:,} without a label)",
+    ]
+    if unit == "cell":
+        lines.append(f"dropped groups       {a['n_dropped_treated_groups']:,} treated, "
+                     f"{a['n_dropped_control_groups']:,} control (< {a['min_cells']} cells: "
+                     f"{a['n_cells_in_dropped_groups']:,} cells)")
+    if a["n_perturbations_without_replicates"]:
+        lines.append(f"untestable           {a['n_perturbations_without_replicates']:,} "
+                     f"perturbation(s) left without a replicate")
+    lines.append(f"size factors         {a['size_factors']}: {sf.min():.3g}-{sf.max():.3g}")
+    return lines
