@@ -176,8 +176,8 @@ def _test(args) -> int:
     so = _storage_options(args.storage_option)
     start = time.perf_counter()
     chunks = dict(zip(("perturbation", "feature"), args.chunks)) if args.chunks else None
+    cube = open_cube(args.cube, chunks=chunks, storage_options=so)  # a bad cube fails before a cluster starts
     with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
-        cube = open_cube(args.cube, chunks=chunks, storage_options=so)
         results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                        fdr_scope=args.fdr_scope, dispersion=args.dispersion,
                        dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,

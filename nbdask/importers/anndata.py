@@ -219,7 +219,9 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
                       control=control, layer=layer, min_cells=min_cells,
                       size_factors=size_factors, shards=shards, chunk_cells=chunk_cells)
     if store is None:
-        return cubemod.in_memory(pending)
+        # Cells already in this process are summed here, not shipped to a cluster.
+        local = isinstance(adata, _anndata().AnnData) and not adata.isbacked
+        return cubemod.in_memory(pending, scheduler="threads" if local else None)
     return cubemod.write(pending, store, overwrite=overwrite, storage_options=storage_options,
                          client=client, progress=progress)
 

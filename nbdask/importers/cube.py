@@ -68,9 +68,14 @@ def assemble(groups: Groups, counts, control_counts, features, attrs: Mapping) -
 
 def size_factor_values(counts, control_counts, groups: Groups, option):
     """(size_factor [P, R], control_size_factor [C]) for ``option``: a method of
-    ``size_factors.METHODS`` (from the counts, NumPy or dask) or the per-cell/sample values."""
+    ``size_factors.METHODS`` (from the counts: NumPy, computed here, or dask, computed on the
+    active scheduler) or the per-cell/sample values."""
     if isinstance(option, str):
-        return sfmod.compute(_dask(counts), _dask(control_counts), groups.present, option)
+        local = not isinstance(counts, da.Array)
+        return sfmod.compute(_dask(counts), _dask(control_counts), groups.present, option,
+                             scheduler="threads" if local else None,
+                             names=(groups.perturbation, groups.replicate_sample,
+                                    groups.control_sample))
     return sfmod.from_values(option, groups.row, groups.present, groups.shape[2])
 
 
@@ -82,11 +87,12 @@ def _option_name(option) -> str:
     return option if isinstance(option, str) else "given"
 
 
-def in_memory(pending: Pending) -> xr.Dataset:
-    """Compute the pseudobulk (on the active scheduler) and the size factors; NumPy-backed."""
+def in_memory(pending: Pending, *, scheduler=None) -> xr.Dataset:
+    """Compute the pseudobulk (on ``scheduler``, default the active one) and the size
+    factors; NumPy-backed."""
     cube = pending.cube
     counts, control, problems = dask.compute(cube["counts"].data, cube["control_counts"].data,
-                                             pending.problems)
+                                             pending.problems, scheduler=scheduler)
     pending.check(problems)
     cube = cube.copy()
     cube["counts"] = cube["counts"].copy(data=counts)

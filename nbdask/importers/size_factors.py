@@ -88,21 +88,26 @@ def _log_sums(counts, control, present):
             positive.sum(axis=(0, 2)) + (control > 0).sum(axis=1))
 
 
-def compute(counts: da.Array, control: da.Array, present: np.ndarray, method: str):
+def compute(counts: da.Array, control: da.Array, present: np.ndarray, method: str, *,
+            scheduler=None, names=None):
     """(size_factor [P, R] with NaN at absent replicates, control_size_factor [C]) as NumPy.
 
-    ``counts`` [P, G, R] and ``control`` [G, C] are dask arrays (any chunks); computes on the
-    active scheduler. Raises ``SourceError`` when a sample's factor is undefined.
+    ``counts`` [P, G, R] and ``control`` [G, C] are dask arrays (any chunks); computes on
+    ``scheduler`` (default: the active one). Raises ``SourceError`` when a sample's factor is
+    undefined, naming it by ``names`` = (perturbation [P], replicate sample [P, R], control
+    sample [C]) when given.
     """
     n_samples = int(present.sum()) + control.shape[1]
     if method == "total":
         totals = da.where(da.from_array(present, chunks=(counts.chunks[0], -1)),
                           counts.sum(axis=1), 0)
-        sf, csf = (np.asarray(a, dtype=np.float64) for a in dask.compute(totals, control.sum(axis=0)))
+        sf, csf = (np.asarray(a, dtype=np.float64) for a in dask.compute(totals, control.sum(axis=0),
+                                                                  scheduler=scheduler))
         sf = np.where(present, sf, np.nan)
-        _check(sf, csf, present, method, "has no counts at all")
+        _check(sf, csf, present, method, "no counts at all", names)
         return _unit_geometric_mean(sf, csf, present)
-    log_sum, n_positive = (np.asarray(a) for a in dask.compute(*_log_sums(counts, control, present)))
+    log_sum, n_positive = (np.asarray(a) for a in dask.compute(*_log_sums(counts, control, present),
+                                                              scheduler=scheduler))
     if method == "ratio":
         log_geo_mean = np.where(n_positive == n_samples, log_sum / n_samples, -np.inf)
         if not np.isfinite(log_geo_mean).any():
@@ -116,10 +121,11 @@ def compute(counts: da.Array, control: da.Array, present: np.ndarray, method: st
                             dtype=np.float64, meta=np.empty((0, 0), np.float64))
     controls = da.map_blocks(_median_log_ratio, control.rechunk(-1)[None], log_geo_mean,
                              drop_axis=1, dtype=np.float64, meta=np.empty((0, 0), np.float64))
-    med, control_med = dask.compute(treated, controls)
+    med, control_med = dask.compute(treated, controls, scheduler=scheduler)
     sf = np.where(present, np.exp(med), np.nan)
     csf = np.exp(control_med[0])
-    _check(sf, csf, present, method, "shares no usable feature with the others")
+    _check(sf, csf, present, method, "no feature with a positive count there and a positive "
+           "geometric mean", names)
     if method == "poscounts":
         sf, csf = _unit_geometric_mean(sf, csf, present)
     return sf, csf
@@ -131,12 +137,18 @@ def _unit_geometric_mean(sf, csf, present):
     return sf / scale, csf / scale
 
 
-def _check(sf, csf, present, method, problem):
+def _check(sf, csf, present, method, problem, names):
     bad_t = present & ~(np.isfinite(sf) & (sf > 0))
     bad_c = ~(np.isfinite(csf) & (csf > 0))
-    if bad_t.any() or bad_c.any():
-        where = (f"treated replicate {tuple(int(i) for i in np.argwhere(bad_t)[0])} (perturbation, "
-                 f"replicate)" if bad_t.any() else f"control replicate {int(np.flatnonzero(bad_c)[0])}")
-        raise SourceError(f"size_factors={method!r}: {int(bad_t.sum() + bad_c.sum())} sample(s) "
-                          f"{problem} (first: {where}), so no size factor; drop those samples "
-                          f"(raise min_cells) or use size_factors='total'")
+    if not (bad_t.any() or bad_c.any()):
+        return
+    if bad_t.any():
+        p, r = (int(i) for i in np.argwhere(bad_t)[0])
+        first = (f"perturbation {str(names[0][p])!r}, sample {str(names[1][p, r])!r}" if names
+                 else f"treated replicate {r} of perturbation {p}")
+    else:
+        c = int(np.flatnonzero(bad_c)[0])
+        first = f"control sample {str(names[2][c])!r}" if names else f"control replicate {c}"
+    raise SourceError(f"size_factors={method!r}: undefined for {int(bad_t.sum() + bad_c.sum())} "
+                      f"sample(s), first {first}: {problem}; drop such samples (raise min_cells) "
+                      f"or use another size_factors method")

@@ -130,7 +130,7 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary}
     cube = cubemod.in_memory(cubemod.Pending(
         cubemod.assemble(groups, counts_, control_, table.index, attrs), groups, option,
-        problems, lambda found: None))
+        problems, lambda found: None), scheduler="threads")
     if store is None:
         return cube
     return cubemod.write(cube, store, shards=(p_shard, g_shard), overwrite=overwrite,
