@@ -62,3 +62,23 @@ def edge_case_cube(seed: int = 3, p: int = 24, g: int = 20, r: int = 5, c: int =
     ctrl[1, :] = 0
     counts[0, 2, :] = 0
     return make_cube(counts.astype(np.int32), sf, ctrl.astype(np.int32), csf)
+
+
+def deseq2_size_factors(k, kind="ratio"):
+    """DESeq2's estimateSizeFactorsForMatrix written from its definition, for a genes x samples
+    matrix: exp(median over genes of log K - log geometric mean). "ratio": genes positive in
+    every sample; "poscounts": geometric means over positive counts (divided by all samples),
+    each sample's positive genes, then scaled to geometric mean 1."""
+    from scipy import stats
+
+    k = np.asarray(k, dtype=float)
+    if kind == "ratio":
+        keep = (k > 0).all(axis=1)
+        return np.exp(np.median(np.log(k[keep] / stats.gmean(k[keep], axis=1)[:, None]), axis=0))
+    n = k.shape[1]
+    geo = np.array([np.exp(np.log(row[row > 0]).sum() / n) if (row > 0).any() else 0.0
+                    for row in k])
+    sf = np.array([np.exp(np.median(np.log(k[(geo > 0) & (k[:, j] > 0), j]
+                                           / geo[(geo > 0) & (k[:, j] > 0)])))
+                   for j in range(n)])
+    return sf / stats.gmean(sf)

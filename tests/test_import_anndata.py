@@ -9,6 +9,7 @@ import pytest
 from scipy import sparse, stats
 
 import nbdask
+from conftest import deseq2_size_factors
 
 ad = pytest.importorskip("anndata")
 
@@ -109,26 +110,6 @@ def test_backed_zarr_and_in_memory_give_identical_cubes(tmp_path, client):
     assert cubes["streamed .h5ad"]["counts"].encoding["shards"] == (3, 8, 4)
 
 
-def _deseq2_ratio(k):
-    """DESeq2's estimateSizeFactorsForMatrix, from its definition (genes x samples): the median
-    is taken of log ratios, exp(median(log K - log geometric mean))."""
-    keep = (k > 0).all(axis=1)
-    geo = stats.gmean(k[keep], axis=1)
-    return np.exp(np.median(np.log(k[keep] / geo[:, None]), axis=0))
-
-
-def _deseq2_poscounts(k):
-    """type = "poscounts": geometric means over the positive counts (divided by all samples),
-    per sample only its positive genes, then scaled to geometric mean 1."""
-    n = k.shape[1]
-    geo = np.array([np.exp(np.log(row[row > 0]).sum() / n) if (row > 0).any() else 0.0
-                    for row in k])
-    sf = np.array([np.exp(np.median(np.log(k[(geo > 0) & (k[:, j] > 0), j]
-                                           / geo[(geo > 0) & (k[:, j] > 0)])))
-                   for j in range(n)])
-    return sf / stats.gmean(sf)
-
-
 @pytest.mark.parametrize("method", ["ratio", "poscounts", "total", "given"])
 def test_size_factors_match_an_independent_computation(method):
     adata = synthetic(seed=2)
@@ -137,10 +118,8 @@ def test_size_factors_match_an_independent_computation(method):
                                size_factors=per_cell if method == "given" else method)
     t_sum, _, c_sum, _ = groupby_pseudobulk(adata, 10)
     k = np.concatenate([t_sum.to_numpy().T, c_sum.to_numpy().T], axis=1).astype(float)
-    if method == "ratio":
-        expected = _deseq2_ratio(k)
-    elif method == "poscounts":
-        expected = _deseq2_poscounts(k)
+    if method in ("ratio", "poscounts"):
+        expected = deseq2_size_factors(k, method)
     elif method == "total":
         expected = k.sum(axis=0) / stats.gmean(k.sum(axis=0))
     else:
@@ -262,3 +241,78 @@ def test_a_failure_mid_import_leaves_a_cube_that_does_not_look_complete(tmp_path
     cube = nbdask.from_anndata(adata, **KEYS, store=url, client=client, overwrite=True,
                                size_factors="poscounts")
     assert cube.attrs["nbdask_status"] == "complete" and cube.attrs["size_factors"] == "poscounts"
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "nbdask.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+#: The one line distributed may add on a loaded machine when a LocalCluster's worker is slow to
+#: exit at shutdown; not nbdask's output.
+NANNY = "distributed.nanny: Worker process still alive after"
+
+
+def test_every_import_error_is_one_line_with_its_fix(tmp_path):
+    adata = synthetic(n_cells=600)
+    x = adata.X.toarray()
+    adata.layers["normalised"] = x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e4
+    negative = x.copy()
+    negative[450, 3] = -1
+    adata.layers["negative"] = negative
+    adata.obs["donor_of_treated"] = adata.obs["donor"].where(
+        ~adata.obs["guide"].isin(CONTROLS).to_numpy())
+    h5ad = tmp_path / "screen.h5ad"
+    adata.write_h5ad(h5ad)
+    (tmp_path / "notes.h5ad").write_text("not an HDF5 file\n")
+    import h5py
+
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["X"] = np.zeros((2, 2))
+    done = tmp_path / "done.zarr"
+    done.mkdir()
+    (done / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    base = ["import", "anndata", h5ad, tmp_path / "out.zarr", "--sample-key", "donor"]
+    ok = ["--perturbation-key", "guide", "--control", "NTC-1", "--control", "NTC-2"]
+    cases = {
+        "missing key": (base + ["--perturbation-key", "sgRNA", "--control", "NTC-1"],
+                        "perturbation_key='sgRNA': not a column of", "pass the obs column"),
+        "control absent": (base + ["--perturbation-key", "guide", "--control", "NTC"],
+                           "control: 'NTC' is not a value of 'guide'", "--control NTC-1"),
+        "control in no sample": (
+            ["import", "anndata", h5ad, tmp_path / "out.zarr", "--sample-key", "donor_of_treated",
+             *ok], "have no 'donor_of_treated' label, so they are present in no sample",
+            "label them with their sample"),
+        "non-integer": (base + ok + ["--layer", "normalised"],
+                        "non-integer value(s), e.g. ", "pass raw integer counts"),
+        "negative, in a later chunk": (
+            base + ok + ["--layer", "negative", "--chunk-cells", "100", "--workers", "1",
+                         "--no-progress"],
+            "1 negative value(s), e.g. -1 at cell 450 (0-based row), feature 'gene3'",
+            "pass raw integer counts"),
+        "fewer than 2 controls": (base + ok + ["--min-cells", "1000"],
+                                  "only 0 sample(s) have >= 1000 control cells",
+                                  "lower min_cells (--min-cells)"),
+        "missing layer": (base + ok + ["--layer", "raw"], "layer 'raw': not in",
+                          "its layers: ['negative', 'normalised']"),
+        "not HDF5": (["import", "anndata", tmp_path / "notes.h5ad", tmp_path / "o.zarr",
+                      "--sample-key", "donor", *ok], "notes.h5ad: not an AnnData file",
+                     "pass an .h5ad file or an AnnData .zarr store"),
+        "HDF5, not AnnData": (["import", "anndata", tmp_path / "plain.h5", tmp_path / "o.zarr",
+                               "--sample-key", "donor", *ok],
+                              "plain.h5: not an AnnData file (its root's encoding-type is None",
+                              "adata.write_h5ad"),
+        "no such file": (["import", "anndata", tmp_path / "missing.h5ad", tmp_path / "o.zarr",
+                          "--sample-key", "donor", *ok], "no such file or directory",
+                         "pass an .h5ad file"),
+        "output exists": (["import", "anndata", h5ad, done, "--sample-key", "donor", *ok],
+                          "done.zarr: a store already exists", "--overwrite"),
+    }
+    runs = {name: _cli(*args) for name, (args, *_) in cases.items()}
+    for name, (args, problem, fix) in cases.items():
+        out, err = runs[name].communicate(timeout=600)
+        lines = [line for line in err.splitlines() if not line.startswith(NANNY)]
+        assert runs[name].returncode == 2 and out == "", (name, out, err)
+        assert len(lines) == 1 and lines[0].startswith("nbdask import: error: "), (name, err)
+        assert problem in lines[0] and fix in lines[0], (name, lines[0])
+    assert not (tmp_path / "out.zarr").exists() or "negative" in str(runs)

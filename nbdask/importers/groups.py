@@ -9,6 +9,8 @@ table is the same with one "cell" per sample.
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,11 +87,15 @@ def assign_groups(perturbation, sample, *, control, min_cells: int = 1,
     n_p, n_s = len(pert.categories), len(samp.categories)
     seen = np.bincount(pc[pc >= 0], minlength=n_p) > 0
     labels = np.asarray(pert.categories, dtype=object)
-    missing = [c for c in controls if c not in set(labels[seen])]
+    present = [str(x) for x in labels[seen]]
+    missing = [c for c in controls if c not in set(present)]
     if missing:
+        like = difflib.get_close_matches(missing[0], present, n=3, cutoff=0.5) or [
+            x for x in present if re.search(r"(?i)ntc|non.?target|control|ctrl|scram|safe|untreat", x)
+        ][:3] or present[:1]
         raise SourceError(f"control: {_examples(missing)} is not a value of {perturbation_key!r} "
-                          f"(its values include {_examples(labels[seen])}); pass the label of "
-                          f"the control {unit}s, e.g. --control {labels[seen][0] if seen.any() else 'NTC'}")
+                          f"(its values include {_examples(present)}); pass the label(s) of the "
+                          f"control {unit}s, e.g. {' '.join(f'--control {x}' for x in sorted(like))}")
     is_control_label = np.isin(labels, controls)
     labelled = (pc >= 0) & (sc >= 0)
     is_control = labelled & is_control_label[np.maximum(pc, 0)]
@@ -101,6 +107,10 @@ def assign_groups(perturbation, sample, *, control, min_cells: int = 1,
                           f"{sample_key!r} label, so they are present in no sample; label them "
                           f"with their sample (a control replicate is one sample's control {unit}s)")
     keep_c = control_n >= min_cells
+    if keep_c.sum() < 2 and unit == "sample":
+        raise SourceError(f"control: only {int(keep_c.sum())} sample(s) are labelled "
+                          f"{_examples(controls)} in {perturbation_key!r}; at least 2 control "
+                          f"replicates are needed to estimate dispersion: add control samples")
     if keep_c.sum() < 2:
         found = ", ".join(f"{s!r}: {n}" for s, n in zip(samp.categories, control_n) if n)
         raise SourceError(f"control: only {int(keep_c.sum())} sample(s) have >= {min_cells} "

@@ -1,0 +1,163 @@
+"""Bulk count table + sample sheet into a count cube: layout, size factors, CLI, errors."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import nbdask
+from conftest import deseq2_size_factors
+
+SAMPLES = ["ctrl1", "ctrl2", "ctrl3", "A1", "A2", "A3", "B1", "B2"]
+CONDITION = ["untreated"] * 3 + ["drugA"] * 3 + ["drugB"] * 2
+
+
+def bulk(n_genes=40, seed=0):
+    """A genes x samples table (NB counts, means 20-500, drugA doubles genes 0-4) and its sheet,
+    the sheet's rows shuffled so that order cannot be relied upon."""
+    rng = np.random.default_rng(seed)
+    mean = np.exp(rng.uniform(np.log(20), np.log(500), n_genes))
+    depth = rng.uniform(0.6, 1.6, len(SAMPLES))
+    effect = np.ones((n_genes, len(SAMPLES)))
+    effect[:5, 3:6] = 2.0
+    m = mean[:, None] * depth[None, :] * effect
+    counts = rng.poisson(rng.gamma(10.0, m / 10.0))
+    table = pd.DataFrame(counts, index=[f"ENSG{j:05d}" for j in range(n_genes)], columns=SAMPLES)
+    table.index.name = "gene_id"
+    sheet = pd.DataFrame({"sample": SAMPLES, "condition": CONDITION,
+                          "batch": ["b1", "b2"] * 4}).sample(frac=1, random_state=1)
+    return table, sheet
+
+
+def write(tmp_path, table, sheet, sep="\t", ext="tsv"):
+    counts, samples = tmp_path / f"counts.{ext}", tmp_path / "samples.tsv"
+    table.to_csv(counts, sep=sep)
+    sheet.to_csv(samples, sep="\t", index=False)
+    return counts, samples
+
+
+@pytest.mark.parametrize("ext", ["tsv", "csv"])
+def test_every_treatment_becomes_a_perturbation_against_the_control(tmp_path, ext):
+    table, sheet = bulk()
+    counts, samples = write(tmp_path, table, sheet, "," if ext == "csv" else "\t", ext)
+    cube = nbdask.from_table(counts, samples, group_column="condition", control="untreated")
+    assert list(cube.perturbation.values) == ["drugA", "drugB"]
+    assert cube.sizes["replicate"] == 3 and cube.sizes["control_replicate"] == 3
+    np.testing.assert_array_equal(cube.replicate_sample.values, [["A1", "A2", "A3"], ["B1", "B2", ""]])
+    np.testing.assert_array_equal(cube.control_sample.values, ["ctrl1", "ctrl2", "ctrl3"])
+    np.testing.assert_array_equal(cube.counts.values[0], table[["A1", "A2", "A3"]].to_numpy())
+    np.testing.assert_array_equal(cube.counts.values[1, :, :2], table[["B1", "B2"]].to_numpy())
+    assert (cube.counts.values[1, :, 2] == 0).all() and np.isnan(cube.size_factor.values[1, 2])
+    np.testing.assert_array_equal(cube.control_counts.values, table[["ctrl1", "ctrl2", "ctrl3"]])
+    np.testing.assert_array_equal(cube.feature.values, table.index)
+    # DESeq2's median of ratios over all 8 samples, from its definition
+    expected = pd.Series(deseq2_size_factors(table.to_numpy()), index=table.columns)
+    np.testing.assert_allclose(cube.size_factor.values[0], expected[["A1", "A2", "A3"]], rtol=1e-12)
+    np.testing.assert_allclose(cube.size_factor.values[1, :2], expected[["B1", "B2"]], rtol=1e-12)
+    np.testing.assert_allclose(cube.control_size_factor.values, expected[["ctrl1", "ctrl2", "ctrl3"]],
+                               rtol=1e-12)
+
+
+def test_dataframes_and_given_size_factors(tmp_path):
+    table, sheet = bulk(seed=1)
+    given = pd.Series(np.linspace(0.5, 1.5, 8), index=SAMPLES).sample(frac=1, random_state=2)
+    cube = nbdask.from_table(table, sheet, group_column="condition", control="untreated",
+                             sample_column="sample", size_factors=given, shards=1,
+                             store=str(tmp_path / "cube.zarr"))
+    assert cube.attrs["nbdask_status"] == "complete" and cube.attrs["size_factors"] == "given"
+    assert cube["counts"].encoding["shards"] == (1, 1, 3)
+    np.testing.assert_allclose(cube.size_factor.values[0], given[["A1", "A2", "A3"]])
+    np.testing.assert_allclose(cube.control_size_factor.values, given[["ctrl1", "ctrl2", "ctrl3"]])
+    total = nbdask.from_table(table, sheet, group_column="condition", control="untreated",
+                              sample_column="sample", size_factors="total")
+    lib = table.sum()
+    np.testing.assert_allclose(total.control_size_factor.values,
+                               (lib / np.exp(np.log(lib).mean()))[["ctrl1", "ctrl2", "ctrl3"]])
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "nbdask.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_table_on_the_command_line(tmp_path):
+    table, sheet = bulk()
+    counts, samples = write(tmp_path, table, sheet)
+    cube = tmp_path / "bulk.zarr"
+    r = _run("import", "table", counts, cube, "--samples", samples, "--group-column", "condition",
+             "--control", "untreated")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    sf = np.r_[nbdask.open_cube(str(cube)).size_factor.values.ravel(),
+               nbdask.open_cube(str(cube)).control_size_factor.values]
+    sf = sf[np.isfinite(sf)]
+    lines = r.stdout.splitlines()
+    assert lines[:-2] == [
+        "",
+        "perturbations        2",
+        "features             40",
+        "treated replicates   5 (2-3 per perturbation; replicate axis 3)",
+        "control replicates   3 (samples ctrl1, ctrl2, ctrl3; control label untreated)",
+        "samples used         8 of 8 (0 without a label)",
+        f"size factors         ratio: {sf.min():.3g}-{sf.max():.3g}",
+    ], r.stdout
+    assert re.fullmatch(r"wall time +\d+\.\d s", lines[-2])
+    assert lines[-1] == f"{counts} -> {cube}; next: nbdask test {cube} RESULTS.zarr"
+    info = _run("info", cube)
+    assert info.returncode == 0 and "validation: OK" in info.stdout, info.stdout + info.stderr
+
+
+def test_every_table_error_is_one_line_with_its_fix(tmp_path):
+    table, sheet = bulk()
+    counts, samples = write(tmp_path, table, sheet)
+    variants = {
+        "missing.tsv": table.drop(columns=["B2"]),
+        "extra.tsv": table.assign(C1=table["A1"]),
+        "dupgenes.tsv": pd.concat([table, table.iloc[:1]]),
+        "fraction.tsv": table.astype(float).assign(A2=table["A2"] / 3),
+        "negative.tsv": table.assign(B1=-table["B1"]),
+    }
+    for name, frame in variants.items():
+        frame.to_csv(tmp_path / name, sep="\t")
+    one_control = tmp_path / "one_control.tsv"
+    sheet.assign(condition=sheet["condition"].replace({"untreated": "drugB"}).where(
+        sheet["sample"] != "ctrl1", "untreated")).to_csv(one_control, sep="\t", index=False)
+    dup_sheet = tmp_path / "dup_sheet.tsv"
+    pd.concat([sheet, sheet.iloc[:1]]).to_csv(dup_sheet, sep="\t", index=False)
+
+    def case(table_file, *extra, sheet_file=samples, control="untreated"):
+        return ["import", "table", tmp_path / table_file, tmp_path / "out.zarr", "--samples",
+                sheet_file, "--group-column", "condition", "--control", control, *extra]
+
+    cases = {
+        "sheet sample missing from the table": (
+            case("missing.tsv"), "sample(s) ['B2'] are not columns of", "drop those rows"),
+        "table column missing from the sheet": (
+            case("extra.tsv"), "column(s) ['C1'] are not samples in", "add them to the sheet"),
+        "duplicated gene ids": (case("dupgenes.tsv"), "gene id(s) ['ENSG00000'] appear more than once",
+                                "give every row its own gene id"),
+        "duplicated sample ids": (case("counts.tsv", sheet_file=dup_sheet),
+                                  "sample id(s) ['", "give every sample one row"),
+        "missing group column": (case("counts.tsv")[:-4] + ["--group-column", "treatment",
+                                                            "--control", "untreated"],
+                                 "group_column='treatment': not a column of", "condition"),
+        "control absent": (case("counts.tsv", control="DMSO"),
+                           "control: 'DMSO' is not a value of 'condition'", "--control untreated"),
+        "one control sample": (case("counts.tsv", sheet_file=one_control),
+                               "only 1 sample(s) are labelled 'untreated'", "add control samples"),
+        "non-integer": (case("fraction.tsv"), "non-integer value(s), e.g. ", "raw read counts"),
+        "negative": (case("negative.tsv"), "negative value(s), e.g. ", "raw read counts"),
+        "no such table": (case("nothere.tsv"), "nothere.tsv: no such file", "count table"),
+    }
+    runs = {name: subprocess.Popen([sys.executable, "-m", "nbdask.cli", *map(str, args)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, (args, *_) in cases.items()}
+    for name, (args, problem, fix) in cases.items():
+        out, err = runs[name].communicate(timeout=300)
+        assert runs[name].returncode == 2 and out == "", (name, out, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nbdask import: error: "), (name, err)
+        assert problem in lines[0] and fix in lines[0], (name, lines[0])
+    assert not (tmp_path / "out.zarr").exists()
