@@ -39,7 +39,7 @@ def cached_h5ad(cells: int, genes: int, perturbations: int, donors: int, seed: i
     CACHE.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     base = np.exp(rng.normal(np.log(0.05), 1.0, genes)).clip(0.002, 20)
-    chunk = 50_000
+    chunk = 10_000
 
     def block(i):
         r = np.random.default_rng([seed, i])
