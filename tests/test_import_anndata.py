@@ -94,6 +94,7 @@ def test_backed_zarr_and_in_memory_give_identical_cubes(tmp_path, client):
             "backed AnnData": nbdask.from_anndata(backed, **opts),
             "streamed .h5ad": nbdask.from_anndata(str(h5ad), store=str(tmp_path / "a.zarr"),
                                                   client=client, **opts),
+            ".zarr, CSR X, on the cluster": nbdask.from_anndata(str(store), **opts),
             "streamed .zarr, dense layer": nbdask.from_anndata(
                 str(store), layer="counts", store=str(tmp_path / "b.zarr"), client=client, **opts),
         }

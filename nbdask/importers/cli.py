@@ -31,19 +31,17 @@ def add_parser(sub, storage_option) -> None:
         epilog=f"examples:\n  {ANNDATA_CMD}\n  {TABLE_CMD}", formatter_class=_FORMAT)
     kinds = imp.add_subparsers(dest="source", required=True, metavar="{anndata,table}")
 
-    ad = kinds.add_parser(
-        "anndata", help="pseudobulk an .h5ad file or AnnData .zarr store, streamed on dask workers",
-        description=_text("Sum each (perturbation, sample) group of cells into one treated replicate and "
-                    "the control cells of each sample into one control replicate; groups below "
-                    "--min-cells are left out as absent replicates. The cells are read in chunks "
-                    "on the workers and summed straight into the cube's shards."),
-        epilog=f"example:\n  {ANNDATA_CMD}", formatter_class=_FORMAT)
-    ad.add_argument("input", help="an .h5ad file or an AnnData .zarr store")
-    ad.add_argument("cube", help="output Zarr path or URL")
+    ad = _door(kinds, "anndata", "input", "an .h5ad file or an AnnData .zarr store",
+               help="pseudobulk an .h5ad file or AnnData .zarr store, streamed on dask workers",
+               description="Sum each (perturbation, sample) group of cells into one treated "
+                           "replicate and the control cells of each sample into one control "
+                           "replicate; groups below --min-cells are left out as absent replicates. "
+                           "The cells are read in chunks on the workers and summed straight into "
+                           "the cube's shards.",
+               command=ANNDATA_CMD, control="control label; repeat it to pool several (e.g. "
+                                            "non-targeting guides)")
     ad.add_argument("--perturbation-key", required=True, help="obs column of each cell's perturbation")
     ad.add_argument("--sample-key", required=True, help="obs column of each cell's sample")
-    ad.add_argument("--control", action="append", required=True,
-                    help="control label; repeat it to pool several (e.g. non-targeting guides)")
     ad.add_argument("--layer", help="the layer holding raw counts (default: X)")
     ad.add_argument("--min-cells", type=int, default=10,
                     help="groups with fewer cells are absent replicates (default 10)")
@@ -54,21 +52,29 @@ def add_parser(sub, storage_option) -> None:
     where.add_argument("--scheduler", help="address of a running dask scheduler")
     _common(ad, storage_option)
 
-    tab = kinds.add_parser(
-        "table", help="a bulk genes x samples count table and its sample sheet",
-        description=_text("Every group of --group-column other than the control becomes one "
-                    "perturbation tested against the control group; its samples are its "
-                    "replicates. The table's first column holds gene ids, its header sample ids "
-                    "(.csv: commas, .tsv/.txt: tabs)."),
-        epilog=f"example:\n  {TABLE_CMD}", formatter_class=_FORMAT)
-    tab.add_argument("counts", help="genes x samples count table (.tsv, .txt or .csv, may be gzipped)")
-    tab.add_argument("cube", help="output Zarr path or URL")
+    tab = _door(kinds, "table", "counts",
+                "genes x samples count table (.tsv, .txt or .csv, may be gzipped)",
+                help="a bulk genes x samples count table and its sample sheet",
+                description="Every group of --group-column other than the control becomes one "
+                            "perturbation tested against the control group; its samples are its "
+                            "replicates. The table's first column holds gene ids, its header "
+                            "sample ids (.csv: commas, .tsv/.txt: tabs).",
+                command=TABLE_CMD, control="the control group's label (repeat to pool several)")
     tab.add_argument("--samples", required=True, help="sample sheet: one row per sample")
     tab.add_argument("--group-column", required=True, help="the sheet's condition column")
-    tab.add_argument("--control", action="append", required=True,
-                     help="the control group's label (repeat to pool several)")
     tab.add_argument("--sample-column", help="the sheet's sample id column (default: the first)")
     _common(tab, storage_option)
+
+
+def _door(kinds, name: str, source: str, source_help: str, *, help: str, description: str,
+          command: str, control: str):
+    """One ``nbdask import`` source: its parser, the input and output paths and --control."""
+    parser = kinds.add_parser(name, help=help, description=_text(description),
+                              epilog=f"example:\n  {command}", formatter_class=_FORMAT)
+    parser.add_argument(source, help=source_help)
+    parser.add_argument("cube", help="output Zarr path or URL")
+    parser.add_argument("--control", action="append", required=True, help=control)
+    return parser
 
 
 def _common(parser, storage_option) -> None:
