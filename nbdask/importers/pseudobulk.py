@@ -82,14 +82,15 @@ def describe_problems(problems, *, source: str, columns, unit: str = "cell", row
             f"feature {str(columns[first.column])!r}; {fix}")
 
 
-def _partial(x, rows, *, first_cell, n_treated_rows, rows_per_block, n_blocks,
+def _partial(x, rows, *, first_cell, n_treated_rows, n_control_rows, rows_per_block, n_blocks,
              feature_shard, n_features):
-    """Sums of one cell chunk, cut into blocks: ({(b, h): (flat index in block, value)},
-    ``Problem`` or None). Values that are not counts are reported, not raised: a task that
-    raises makes every worker log the traceback, where the client can say it in one line.
+    """Sums of one cell chunk, cut into blocks: ({(b, h): block sums}, ``Problem`` or None).
 
     b < n_blocks is a perturbation block (rows_per_block = perturbation shard x R), b ==
-    n_blocks the control block; h is the feature block.
+    n_blocks the control block; h is the feature block. A block's sums are a flat dense float64
+    array where at least half of it is nonzero, else (flat index, value) pairs, whichever is
+    smaller. Values that are not counts are reported, not raised: a task that raises makes
+    every worker log the traceback, where the client can say it in one line.
     """
     x, problem = find_problem(x, first_cell)
     keep = rows >= 0
@@ -98,30 +99,41 @@ def _partial(x, rows, *, first_cell, n_treated_rows, rows_per_block, n_blocks,
     targets, inverse = np.unique(rows[keep], return_inverse=True)
     indicator = sparse.csr_matrix((np.ones(inverse.size), (inverse, np.flatnonzero(keep))),
                                   shape=(targets.size, x.shape[0]))
-    sums = sparse.coo_matrix(indicator @ x)
-    row, col, val = targets[sums.row], sums.col.astype(np.int64), sums.data
-    control = row >= n_treated_rows
-    b = np.where(control, n_blocks, row // rows_per_block)
-    local_row = np.where(control, row - n_treated_rows, row - b * rows_per_block)
-    h = col // feature_shard
-    width = np.minimum(feature_shard, n_features - h * feature_shard)
-    flat = local_row * width + (col - h * feature_shard)
-    n_h = -(-n_features // feature_shard)
-    key = b * n_h + h
-    order = np.argsort(key, kind="stable")
-    key, flat, val = key[order], flat[order], val[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.array([], int)
-    ends = np.r_[starts[1:], key.size]
-    return {divmod(int(key[s]), n_h): (flat[s:e], val[s:e]) for s, e in zip(starts, ends)}, None
+    sums = sparse.csr_matrix(indicator @ x)  # rows: targets, ascending, so blocks are row ranges
+    out = {}
+    for b in range(n_blocks + 1):
+        lo = b * rows_per_block if b < n_blocks else n_treated_rows
+        n_rows = (min(rows_per_block, n_treated_rows - lo) if b < n_blocks else n_control_rows)
+        r0, r1 = np.searchsorted(targets, [lo, lo + n_rows])
+        if r0 == r1:
+            continue
+        local = targets[r0:r1] - lo
+        for h, g0 in enumerate(range(0, n_features, feature_shard)):
+            width = min(feature_shard, n_features - g0)
+            piece = sums[r0:r1, g0:g0 + width]
+            if piece.nnz == 0:
+                continue
+            if 2 * piece.nnz >= n_rows * width:
+                dense = np.zeros((n_rows, width))
+                dense[local] = piece.toarray()
+                out[b, h] = dense.reshape(-1)
+            else:
+                piece = piece.tocoo()
+                out[b, h] = (local[piece.row] * width + piece.col, piece.data)
+    return out, None
 
 
 def _leaf(partials, *, block, size):
     """Dense sum (float64, flat) of one block over a few cell chunks."""
     pieces = [p[0][block] for p in partials if block in p[0]]
-    if not pieces:
-        return np.zeros(size)
-    return np.bincount(np.concatenate([f for f, _ in pieces]),
-                       np.concatenate([v for _, v in pieces]), minlength=size)
+    pairs = [piece for piece in pieces if isinstance(piece, tuple)]
+    total = (np.bincount(np.concatenate([f for f, _ in pairs]),
+                         np.concatenate([v for _, v in pairs]), minlength=size)
+             if pairs else np.zeros(size))
+    for piece in pieces:
+        if not isinstance(piece, tuple):
+            total += piece
+    return total
 
 
 def _add(parts):
@@ -164,7 +176,7 @@ def pseudobulk(cell_chunks: list, cell_starts: list[int], groups: Groups, *, n_f
     n_pert, n_rep, n_ctrl = groups.shape
     p_shard, g_shard = (max(1, min(s, n)) for s, n in zip(shards, (n_pert, n_features)))
     p_edges, g_edges = _edges(n_pert, p_shard), _edges(n_features, g_shard)
-    geometry = dict(n_treated_rows=n_pert * n_rep, rows_per_block=p_shard * n_rep,
+    geometry = dict(n_treated_rows=n_pert * n_rep, n_control_rows=n_ctrl, rows_per_block=p_shard * n_rep,
                     n_blocks=len(p_edges), feature_shard=g_shard, n_features=n_features)
     ends = list(cell_starts[1:]) + [len(groups.row)]
     task = dask.delayed(_partial, pure=True)
