@@ -161,3 +161,15 @@ def test_every_table_error_is_one_line_with_its_fix(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("nbdask import: error: "), (name, err)
         assert problem in lines[0] and fix in lines[0], (name, lines[0])
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("words", [["import"], ["import", "anndata"], ["import", "table"]])
+def test_import_help_ends_with_an_example(words, capsys):
+    from nbdask.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*words, "--help"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    tail = "\n".join(lines[-5:])
+    assert re.search(r"examples?:\n  nbdask import ", tail) and lines[-1].startswith("      --"), tail
