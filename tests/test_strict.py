@@ -156,3 +156,18 @@ def test_strict_arrays_refuse_implicit_host_conversion(syncs):
     with pytest.raises(AssertionError, match="data-dependent host sync"):
         if xs.any(x > 1):
             pass
+
+
+def test_gpu_verification_says_in_one_line_that_there_is_no_gpu():
+    import subprocess
+    from pathlib import Path
+
+    from nbdask.gpu import cuda_available
+
+    if cuda_available() is None:
+        pytest.skip("a GPU is here: run benchmarks/gpu.py to verify it")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("benchmarks/gpu.py: no GPU to verify: ") and r.stderr.count("\n") == 1
