@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import is_host, namespaces, to_host
+from .backend import any_true, host_scalar, is_host, namespaces
 
 #: ``test="auto"``: comparisons whose total count is at most this get the exact test.
 AUTO_MAX_TOTAL = 32
@@ -69,14 +69,14 @@ def _walk(xp, obs, total, kt, kc, c, active, trunc, up, steps):
         value = xp.where(valid, value * ratio, value)
         over = valid & (value > BIG)
         under = valid & ~over & (e > 0) & (value < 1.0)
-        value = value * xp.where(over, 1.0 / BIG, xp.where(under, BIG, 1.0))
+        value = value * xp.where(over, 1.0 / BIG, xp.where(under, BIG, xp.ones_like(value)))
         e = e + xp.astype(over, e.dtype) - xp.astype(under, e.dtype)
         higher = valid & (e > etot)
         tot = xp.where(valid & (e == etot), tot + value, xp.where(higher, tot / BIG + value, tot))
         etot = xp.where(higher, e, etot)
         negligible = (e < etot) | (value < TRUNCATION * tot)
         done = done | ~valid | (valid & trunc & negligible)
-        if j % 32 == 31 and not bool(xp.any(~done)):  # one sync per 32 steps
+        if j % 32 == 31 and not any_true(xp, ~done):  # one sync per 32 steps
             break
     return xp.where(tot > 0, xp.log(xp.where(tot > 0, tot, 1.0)) + etot * LOG_BIG, -xp.inf)
 
@@ -131,7 +131,7 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
     phi = xp.exp(xp.astype(out["log_dispersion"], xp.float64))
     active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= max_total) & xp.isfinite(phi)
               & (l_t > 0))
-    steps = int(to_host(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
+    steps = int(host_scalar(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
     p = conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, steps=steps)
     direction = xp.sign(obs * l_c - (total - obs) * l_t)
     z = -direction * special.ndtri(xp.where(active, p, 1.0) / 2.0)
