@@ -370,7 +370,7 @@ def results_status(url: str, *, storage_options: Mapping | None = None) -> str |
 
 
 def stored_pooling(url: str, *, storage_options: Mapping | None = None) -> xr.Dataset | None:
-    """The per-feature variables (dims ``(feature,)``) of an nbdask results store, loaded, or
+    """The per-feature variables (first dim ``feature``) of an nbdask results store, loaded, or
     None without a store or without them.
 
     ``save_results`` writes them with the store's skeleton, before any block, so a store that
@@ -386,7 +386,7 @@ def stored_pooling(url: str, *, storage_options: Mapping | None = None) -> xr.Da
     store = make_store(url, storage_options=storage_options, read_only=True)
     ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks=None,
                       drop_variables=[DONE_ARRAY])
-    names = [n for n, v in ds.data_vars.items() if v.dims == (FEATURE,)]
+    names = [n for n, v in ds.data_vars.items() if v.dims[:1] == (FEATURE,)]
     return ds[names].load() if names else None
 
 

@@ -623,6 +623,40 @@ def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library
 
 
 @_jit
+def evidence_rows(rate_mean, keep, n_t, inv_t, library_t, out):
+    """``dispersion.evidence_rows`` of a block's treated groups into ``out`` [9 + R - 1, G]:
+    the nine EVIDENCE_ROWS, then ``excess_<n>`` for n = 2 ... R."""
+    P, G = rate_mean.shape
+    sizes = out.shape[0] - 9
+    out[:, :] = 0.0
+    for p in range(P):
+        n = n_t[p]
+        if n <= 0:
+            continue
+        w = max(n - 1.0, 0.0)
+        wn = w * w / n
+        inv_l = n / library_t[p]
+        row = 9 + int(n) - 2
+        for g in range(G):
+            q = rate_mean[p, g]
+            out[3, g] += n * q
+            out[4, g] += n
+            if not keep[p, g]:
+                continue
+            a = q * inv_t[p]
+            b = q * q
+            out[0, g] += w * a
+            out[1, g] += w
+            out[2, g] += w * b
+            out[5, g] += 2.0 * w * a * a + wn * q * inv_l * inv_l * inv_l
+            out[6, g] += 4.0 * w * a * b + wn * (6.0 * a * a + b * inv_l * inv_l)
+            out[7, g] += 2.0 * w * b * b + 12.0 * wn * a * b
+            out[8, g] += 6.0 * wn * b * b
+            if 9 <= row < 9 + sizes:
+                out[row, g] += w * max(b - a / n, 0.0)
+
+
+@_jit
 def pearson_statistics(counts, sf, rate_mean, est, out):
     """out[p, g] = sum over present i of (q_i - qbar)^2 / (qbar / l_i + est_g qbar^2) (a zero
     variance counts as 1), the treated groups' Pearson statistics under dispersions ``est``."""
