@@ -170,8 +170,9 @@ def _bench(args) -> int:
     from .bench import STUDIES
     from .bench.study import run_studies
 
-    if args.n_tests < 20:
-        raise NbdaskError(f"--n-tests {args.n_tests}: need at least 20 comparisons per design")
+    if args.n_tests < 10:
+        raise NbdaskError(f"--n-tests {args.n_tests}: too few; use at least 10 comparisons per design "
+                          "(1000 for the paper's study)")
     studies = STUDIES if args.study == "all" else (args.study,)
     if not statsmodels_available():
         print("nbdask bench: statsmodels is not installed: skipping its column "
@@ -200,7 +201,7 @@ def _bench(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .bench.calibrate import calibrate
+    from .bench.calibrate import calibrate, headline
     from .bench.methods import all_combinations
     from .cluster import compute_client
     from .io import open_cube
@@ -223,14 +224,8 @@ def _calibrate(args) -> int:
                                workers=workers, progress=bar)
     finally:
         bar.close()
-    rec, default = result["recommendation"]["recommended"], result["recommendation"]["default"]
-    if default is not None and default["verdict"] == "anti-conservative":
-        print(f"WARNING: this design is outside what nbdask's defaults are calibrated for: "
-              f"{default['setting']} is anti-conservative ({default['problems']})")
-    elif default is not None:
-        print(f"defaults ({default['setting']}): {default['verdict']}")
-    print(f"recommended: {rec['setting']} (power {rec['power_1']:.3f} at q < 0.1, FDP {rec['fdp_1']:.3f})"
-          if rec is not None else "recommended: none (no setting is calibrated on this design)")
+    for line in headline(result["recommendation"]):
+        print(line)
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"tables, figures and summary.md in {args.out}")

@@ -266,17 +266,45 @@ def judge(fpr: pd.DataFrame, fdr: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def recommend(verdicts: pd.DataFrame) -> dict:
-    """The most powerful setting (q < 0.1, then 0.05) that is not anti-conservative, and the
-    defaults' standing."""
+def recommend(verdicts: pd.DataFrame, n_alternatives: int) -> dict:
+    """The most powerful setting (q < 0.1, then 0.05) that is not anti-conservative; the
+    default instead when it is not anti-conservative and its power at q < 0.1 is within 2 SE
+    (binomial, over the ``n_alternatives`` true effects) of that setting's."""
     ok = verdicts[verdicts["verdict"].isin(["calibrated", "conservative"])]
-    best = None
-    if len(ok):
-        order = ok.assign(is_default=ok["role"] == "default").sort_values(
-            ["power_1", "power_05", "is_default"], ascending=False)
-        best = order.iloc[0].to_dict()
     default = verdicts[verdicts["role"] == "default"]
-    return {"recommended": best, "default": default.iloc[0].to_dict() if len(default) else None}
+    default = default.iloc[0].to_dict() if len(default) else None
+    best, why = None, ""
+    if len(ok):
+        best = ok.sort_values(["power_1", "power_05"], ascending=False).iloc[0].to_dict()
+        why = "the most powerful setting at q < 0.1 that is not anti-conservative"
+        se = math.sqrt(max(best["power_1"] * (1 - best["power_1"]), 1e-12) / max(n_alternatives, 1))
+        if (default is not None and default["setting"] != best["setting"]
+                and default["verdict"] in ("calibrated", "conservative")
+                and default["power_1"] >= best["power_1"] - 2 * se):
+            why = (f"not anti-conservative, and its power at q < 0.1 is within 2 SE ({2 * se:.3f}) "
+                   f"of the most powerful such setting ({best['setting']}, {best['power_1']:.3f})")
+            best = default
+        elif default is not None and default["setting"] == best["setting"]:
+            why += " (nbdask's default)"
+    return {"recommended": best, "default": default, "why": why}
+
+
+def headline(rec: dict) -> list[str]:
+    """The verdict on the defaults and the recommendation, one line each (CLI and summary)."""
+    d, r = rec["default"], rec["recommended"]
+    lines = []
+    if d is not None and d["verdict"] == "anti-conservative":
+        lines.append(f"WARNING: this design is outside what nbdask's defaults are calibrated for: "
+                     f"{d['setting']} is anti-conservative here ({d['problems']})")
+    elif d is not None:
+        lines.append(f"defaults ({d['setting']}): {d['verdict']}" + (f" ({d['problems']})" if d["problems"] else ""))
+    if r is None:
+        lines.append("recommended: none: no setting is calibrated on this design; treat every q-value "
+                     "with suspicion")
+    else:
+        lines.append(f"recommended: {r['setting']} (FDP {r['fdp_05']:.3f} / {r['fdp_1']:.3f} and power "
+                     f"{r['power_05']:.3f} / {r['power_1']:.3f} at q < 0.05 / 0.1): {rec['why']}")
+    return lines
 
 
 def design_notes(design: Design) -> list[str]:
@@ -336,7 +364,7 @@ def calibrate(cube: xr.Dataset, out, *, seed: int = 0, perturbations: int | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     verdicts = judge(fpr, fdr)
-    rec = recommend(verdicts)
+    rec = recommend(verdicts, int((truth != 0).sum()))
     features = pd.DataFrame({"mean_count": design.mean_count, "log_dispersion": design.log_dispersion,
                              "trend_log_dispersion": design.trend(np.log(np.maximum(design.mean_count, 1e-12)))})
     tables = {"calibrate_fpr": fpr, "calibrate_fdr": fdr, "calibrate_verdicts": verdicts,
@@ -346,7 +374,7 @@ def calibrate(cube: xr.Dataset, out, *, seed: int = 0, perturbations: int | None
     draw = plots.available()
     if draw:
         plots.dispersion_trend(features, design.trend_x, design.trend_y, design.scatter,
-                               out / "calibrate_dispersion_trend.png")
+                               out / "calibrate_dispersion_trend.png", floor=TREND_FLOOR)
         plots.fpr_heatmap(fpr, out / "calibrate_fpr.png")
         plots.fdp_power(fdr, out / "calibrate_fdr_power.png")
     (out / "summary.md").write_text(_summary(design, p, fpr, fdr, verdicts, rec, draw, seed))
@@ -358,22 +386,9 @@ def _summary(design, p, fpr, fdr, verdicts, rec, draw, seed) -> str:
     from .report import _md
 
     s = design.summary()
-    d = rec["default"]
-    r = rec["recommended"]
     defaults = test_defaults()
-    lines = ["# nbdask calibrate", ""]
-    if d is not None and d["verdict"] == "anti-conservative":
-        lines += [f"**WARNING: this design is outside what nbdask's defaults are calibrated for.** "
-                  f"The default ({d['setting']}) is anti-conservative here: {d['problems']}.", ""]
-    elif d is not None:
-        lines += [f"The defaults ({d['setting']}) are {d['verdict']} on this design"
-                  + (f" ({d['problems']})" if d["problems"] else "") + ".", ""]
-    if r is not None:
-        lines += [f"**Recommendation: {r['setting']}** — not anti-conservative in any mean-count bin, "
-                  f"FDP {r['fdp_05']:.3f} / {r['fdp_1']:.3f} at q < 0.05 / 0.1, power {r['power_05']:.3f} / "
-                  f"{r['power_1']:.3f}, the most powerful such setting at q < 0.1.", ""]
-    else:
-        lines += ["**No setting is calibrated on this design**: treat every q-value with suspicion.", ""]
+    lines = ["# nbdask calibrate", ""] + [f"**{h}**" if h.startswith("WARNING") else h
+                                          for h in headline(rec)] + [""]
     notes = design_notes(design)
     if notes:
         lines += ["Design notes: " + "; ".join(notes) + ".", ""]

@@ -134,13 +134,16 @@ def speed_bars(df: pd.DataFrame, path) -> None:
     _save(fig, path)
 
 
-def dispersion_trend(features: pd.DataFrame, knots_x, knots_y, scatter: float, path) -> None:
-    """The cube's pooled dispersions against mean count, with the fitted trend and its scatter."""
+def dispersion_trend(features: pd.DataFrame, knots_x, knots_y, scatter: float, path, *,
+                     floor: float) -> None:
+    """The cube's pooled dispersions against mean count, with the fitted trend and its scatter;
+    estimates below ``floor`` (Poisson-like features) are drawn at it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     m = features["mean_count"].values
     keep = m > 0
-    ax.scatter(m[keep], np.exp(features["log_dispersion"].values[keep]), s=3, alpha=0.4, label="features")
+    phi = np.maximum(np.exp(features["log_dispersion"].values[keep]), floor)
+    ax.scatter(m[keep], phi, s=3, alpha=0.4, label=f"features (below {floor:g} drawn at it)")
     x = np.exp(np.asarray(knots_x))
     y = np.exp(np.asarray(knots_y))
     ax.plot(x, y, color="black", label="trend")
