@@ -116,3 +116,26 @@ def paper_cube(rng: np.random.Generator, *, replicates: int, comparisons: int,
     return nb_cube(rng, rate=prior_rates(rng, g), dispersion=prior_dispersions(rng, g),
                    log_fold_change=lfc, size_factor=size_factors(rng, (p, replicates)),
                    control_size_factor=size_factors(rng, replicates))
+
+
+def screen_cube(rng: np.random.Generator, *, perturbations: int, features: int, replicates: int,
+                control_replicates: int, ragged_fraction: float = 0.0,
+                mean_range: tuple[float, float] = (0.5, 20.0),
+                dispersion_range: tuple[float, float] = (0.02, 1.0),
+                effect_fraction: float = 0.0) -> xr.Dataset:
+    """A screen-shaped cube: log-uniform rates and dispersions per feature, a fraction of ragged
+    perturbations (U{2..replicates} present), ``effect_fraction`` of the comparisons with
+    |beta| ~ U(0.5, 2.5) and a random sign (``nbdask.simulate``'s effects)."""
+    from ..simulate import EFFECT_RANGE
+
+    sf = size_factors(rng, (perturbations, replicates))
+    ragged = rng.random(perturbations) < ragged_fraction
+    n_present = np.where(ragged, rng.integers(min(2, replicates), replicates + 1, perturbations), replicates)
+    sf[np.arange(replicates)[None, :] >= n_present[:, None]] = np.nan
+    shape = (perturbations, features)
+    effect = rng.random(shape) < effect_fraction
+    lfc = np.where(effect, rng.uniform(*EFFECT_RANGE, shape) * rng.choice([-1.0, 1.0], shape), 0.0)
+    return nb_cube(rng, rate=np.exp(rng.uniform(*np.log(mean_range), features)),
+                   dispersion=np.exp(rng.uniform(*np.log(dispersion_range), features)),
+                   log_fold_change=lfc, size_factor=sf,
+                   control_size_factor=size_factors(rng, control_replicates))
