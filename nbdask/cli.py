@@ -151,6 +151,8 @@ def _bench_parsers(sub) -> None:
                      help="features per mean-count bin (default: enough for SE 0.005 on the FPR)")
     cal.add_argument("--methods", nargs="+", metavar="METHOD",
                      help="only these methods (default: every one nbdask offers)")
+    cal.add_argument("--tests", nargs="+", metavar="TEST",
+                     help="only these tests, e.g. auto wald (default: every one)")
     where = cal.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
     where.add_argument("--scheduler", help="address of a running dask scheduler")
@@ -180,8 +182,9 @@ def _bench(args) -> int:
     if not available():
         print("nbdask bench: matplotlib is not installed: tables and summary only, no figures "
               "(pip install 'nbdask[bench]')", file=sys.stderr)
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # busy workers at close
     bar = _progress(f"bench {args.study}", args.no_progress)
-    command = "nbdask " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+    command = "nbdask " + " ".join(args.argv)
     start = time.perf_counter()
     try:
         if args.workers:
@@ -208,12 +211,14 @@ def _calibrate(args) -> int:
 
     so = _storage_options(args.storage_option)
     settings = all_combinations()
-    if args.methods:
-        known = sorted({s.method for s in settings})
-        unknown = [m for m in args.methods if m not in known]
+    for flag, chosen, key in (("--methods", args.methods, "method"), ("--tests", args.tests, "test")):
+        known = sorted({s.method if key == "method" else s.opts["test"] for s in settings})
+        unknown = [m for m in chosen or () if m not in known]
         if unknown:
-            raise NbdaskError(f"--methods {' '.join(unknown)}: not an nbdask method; choose from {known}")
-        settings = [s for s in settings if s.method in args.methods]
+            raise NbdaskError(f"{flag} {' '.join(unknown)}: not an nbdask {key}; choose from {known}")
+        if chosen:
+            settings = [s for s in settings if (s.method if key == "method" else s.opts["test"]) in chosen]
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # busy workers at close
     bar = _progress("calibrate", args.no_progress)
     try:
         with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
@@ -336,6 +341,7 @@ COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _repo
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     if args.command in ("test", "simulate", "info", "report", "bench", "calibrate"):

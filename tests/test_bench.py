@@ -206,18 +206,23 @@ def test_calibrate_flags_poisson_and_passes_defaults(screen, client, tmp_path):
 
 def test_calibrate_cli(screen, client, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["calibrate", screen, "--out", str(out), "--methods", "mom", "--perturbations", "20",
-                 "--features-per-bin", "8", "--scheduler", client.scheduler.address, "--no-progress"])
+    code = main(["calibrate", screen, "--out", str(out), "--methods", "mom", "--tests", "auto",
+                 "--perturbations", "20", "--features-per-bin", "8", "--scheduler",
+                 client.scheduler.address, "--no-progress"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     lines = cap.out.strip().splitlines()
-    assert lines[0].startswith("defaults (mom feature/auto): ")
-    assert any(line.startswith("recommended: mom ") for line in lines)
+    verdicts = pd.read_csv(out / "calibrate_verdicts.csv").set_index("setting")
+    assert list(verdicts.index) == [f"mom {d}/auto" for d in DISPERSIONS]
+    default = verdicts.loc["mom feature/auto", "verdict"]
+    first = ("WARNING: this design is outside what nbdask's defaults are calibrated for: mom feature/auto"
+             if default == "anti-conservative" else f"defaults (mom feature/auto): {default}")
+    assert lines[0].startswith(first)
+    assert lines[1].startswith("recommended: mom ")
     assert lines[-1] == f"tables, figures and summary.md in {out}"
     assert cap.err.strip() == ""
-    v = pd.read_csv(out / "calibrate_verdicts.csv")
-    assert len(v) == len(DISPERSIONS) * len(KERNELS["mom"].tests + CONDITIONAL_TESTS)
     code = main(["calibrate", screen, "--out", str(out), "--methods", "glm"])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("nbdask calibrate: error: --methods glm: not an nbdask method") and "\n" not in err
+    assert err.startswith("nbdask calibrate: error: --methods glm: not an nbdask method; choose from ")
+    assert "\n" not in err

@@ -91,11 +91,11 @@ def size_factors(rng: np.random.Generator, shape) -> np.ndarray:
 
 def paper_cube(rng: np.random.Generator, *, replicates: int, comparisons: int,
                beta: str | float | np.ndarray = "prior") -> xr.Dataset:
-    """A design "n vs n" cube of at least ``comparisons`` comparisons, SCREEN_WIDTH per feature.
+    """A design "n vs n" cube: SCREEN_WIDTH perturbations share each feature.
 
-    ``beta``: ``"prior"`` (50% 0, 50% N(0, 1) per comparison), a number (every comparison), or
-    [P] values, one per perturbation (then P = len(beta) x SCREEN_WIDTH // ... is set by it:
-    each value covers ``comparisons`` comparisons).
+    ``beta``: ``"prior"`` (50% 0, 50% N(0, 1) per comparison) or a number (every comparison):
+    at least ``comparisons`` comparisons in all; or K values (the power grid): SCREEN_WIDTH // K
+    perturbations per value, each value covering at least ``comparisons`` comparisons.
     """
     if isinstance(beta, str):
         p = SCREEN_WIDTH

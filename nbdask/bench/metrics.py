@@ -74,15 +74,23 @@ def matched_threshold(p_null: np.ndarray, fpr: float = 0.05) -> float:
     return float(finite[k - 1])
 
 
-def fdp_power(q: np.ndarray, null: np.ndarray, level: float) -> tuple[float, float, int]:
-    """(false discovery proportion, power, discoveries) at q < level against the truth."""
+def fdp_power(q: np.ndarray, null: np.ndarray, level: float,
+              cluster: np.ndarray) -> tuple[float, float, int, float]:
+    """(false discovery proportion, power, discoveries, SE of the FDP) at q < level against
+    the truth. The SE is the cluster-robust one of a ratio (false / all discoveries summed per
+    cluster): false discoveries come in bursts when one feature's dispersion is misjudged."""
     q = np.asarray(q, float)
     hit = np.isfinite(q) & (q < level)
     n_hit = int(hit.sum())
-    fdp = float((hit & null).sum() / n_hit) if n_hit else 0.0
+    false = hit & null
+    fdp = float(false.sum() / n_hit) if n_hit else 0.0
     alt = ~null
     power = float((hit & alt).sum() / alt.sum()) if alt.any() else math.nan
-    return fdp, power, n_hit
+    _, inverse = np.unique(np.asarray(cluster).ravel(), return_inverse=True)
+    k = int(inverse.max()) + 1
+    resid = np.bincount(inverse, weights=(false.astype(float) - fdp * hit).ravel(), minlength=k)
+    se = math.sqrt(float(np.sum(resid ** 2)) * k / max(k - 1, 1)) / n_hit if n_hit else math.nan
+    return fdp, power, n_hit, se
 
 
 def errors(estimate: dict, truth: dict, mask: np.ndarray) -> dict:

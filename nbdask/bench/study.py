@@ -219,7 +219,7 @@ def speed(ctx: Context) -> dict[str, pd.DataFrame]:
     rng = ctx.rng("speed")
     settings = study_settings(statsmodels=ctx.statsmodels)
     small = paper_cube(rng, replicates=SPEED_DESIGN, comparisons=ctx.n_tests)
-    big_n = min(max(SPEED_SCALE * ctx.n_tests, 2000), SPEED_MAX)
+    big_n = min(max(SPEED_SCALE * ctx.n_tests, 1000), SPEED_MAX)
     big = paper_cube(rng, replicates=SPEED_DESIGN, comparisons=big_n)
     warm = small.isel(perturbation=slice(0, 2))
     nbdask_settings = [s for s in settings if s.estimator != STATSMODELS]
