@@ -43,6 +43,13 @@ def _rates_ok(df, columns):
         assert np.all((v >= 0) & (v <= 1)), (c, v[(v < 0) | (v > 1)])
 
 
+def test_public_simulate_survives_its_module_import():
+    import nbdask.bench.generator  # noqa: F401  (imports the nbdask.simulate module)
+
+    assert callable(nbdask.simulate) and nbdask.simulate is sys.modules["nbdask.simulate"].simulate
+    assert "true_log_fold_change" in nbdask.simulate(perturbations=2, features=3, seed=1)
+
+
 def test_roster_comes_from_nbdask():
     d = nbdask_defaults()
     assert d == {k: p.default for k, p in inspect.signature(nbdask.test).parameters.items()
