@@ -14,7 +14,6 @@ import pandas as pd
 
 from . import plots
 from .methods import STATSMODELS
-from .metrics import BIN_LABELS
 
 #: The paper's accuracy table ("v13", nb-paper.md §8.2: the repository docstring).
 PAPER_V13 = pd.DataFrame([
