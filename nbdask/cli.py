@@ -218,11 +218,11 @@ def _calibrate(args) -> int:
             raise NbdaskError(f"{flag} {' '.join(unknown)}: not an nbdask {key}; choose from {known}")
         if chosen:
             settings = [s for s in settings if (s.method if key == "method" else s.opts["test"]) in chosen]
+    cube = open_cube(args.cube, storage_options=so)  # a bad cube fails before a cluster starts
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # busy workers at close
     bar = _progress("calibrate", args.no_progress)
     try:
         with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
-            cube = open_cube(args.cube, storage_options=so)
             workers = len(client.scheduler_info().get("workers", {})) or 1
             result = calibrate(cube, args.out, seed=args.seed, perturbations=args.perturbations,
                                features_per_bin=args.features_per_bin, settings=settings,

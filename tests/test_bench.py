@@ -233,3 +233,10 @@ def test_calibrate_cli(screen, client, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("nbdask calibrate: error: --methods glm: not an nbdask method; choose from ")
     assert "\n" not in err
+
+
+def test_calibrate_cli_missing_cube(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "o")]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith("nbdask calibrate: error: ") and cap.err.count("\n") == 1
+    assert "nope.zarr" in cap.err and not (tmp_path / "o").exists()
