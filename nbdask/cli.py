@@ -94,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="dask chunk sizes (multiples of the cube's shards)")
     tst.add_argument("--overwrite", action="store_true", help="replace an existing results store")
     tst.add_argument("--resume", action="store_true",
-                     help="finish an interrupted run: compute only the blocks its store lacks")
+                     help="finish an interrupted run (only the blocks its store lacks; its pooled "
+                          "dispersion is reused), start one if there is no store, do nothing if it "
+                          "is complete: safe in a retry loop")
     tst.add_argument("--no-progress", action="store_true")
     tst.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
@@ -182,7 +184,6 @@ def _bench(args) -> int:
     if not available():
         print("nbdask bench: matplotlib is not installed: tables and summary only, no figures "
               "(pip install 'nbdask[bench]')", file=sys.stderr)
-    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # busy workers at close
     bar = _progress(f"bench {args.study}", args.no_progress)
     command = "nbdask " + " ".join(args.argv)
     start = time.perf_counter()
@@ -219,7 +220,6 @@ def _calibrate(args) -> int:
         if chosen:
             settings = [s for s in settings if (s.method if key == "method" else s.opts["test"]) in chosen]
     cube = open_cube(args.cube, storage_options=so)  # a bad cube fails before a cluster starts
-    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)  # busy workers at close
     bar = _progress("calibrate", args.no_progress)
     try:
         with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
@@ -285,24 +285,31 @@ def _info(args) -> int:
 
 def _test(args) -> int:
     from .cluster import compute_client
-    from .io import open_cube, save_results
+    from .io import RESUME_COMPLETE, open_cube, open_results, results_status, save_results, stored_pooling
     from .pipeline import test
     from .summary import summarize
 
     so = _storage_options(args.storage_option)
     start = time.perf_counter()
     chunks = dict(zip(("perturbation", "feature"), args.chunks)) if args.chunks else None
-    with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
-        cube = open_cube(args.cube, chunks=chunks, storage_options=so)
-        results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
-                       fdr_scope=args.fdr_scope, dispersion=args.dispersion,
-                       dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
-                       fdr_backend=args.fdr_backend, engine=args.engine,
-                       transformer_weights=args.transformer_weights)
-        saved = save_results(results, args.results, overwrite=args.overwrite, resume=args.resume,
-                             storage_options=so, client=client, progress=not args.no_progress)
+    if args.resume and results_status(args.results, storage_options=so) == "complete":
+        logging.getLogger("nbdask").warning(RESUME_COMPLETE, args.results)
+        saved = open_results(args.results, storage_options=so)
+        start = None  # nothing computed: no wall time or rate to report
+    else:
+        # A resumed run takes the pooled dispersion from its store instead of a pass over the cube.
+        pooled = stored_pooling(args.results, storage_options=so) if args.resume else None
+        with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+            cube = open_cube(args.cube, chunks=chunks, storage_options=so)
+            results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
+                           fdr_scope=args.fdr_scope, dispersion=args.dispersion,
+                           dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
+                           fdr_backend=args.fdr_backend, engine=args.engine,
+                           transformer_weights=args.transformer_weights, pooled=pooled)
+            saved = save_results(results, args.results, overwrite=args.overwrite,
+                                 resume=args.resume, storage_options=so, client=client,
+                                 progress=not args.no_progress)
     summary = summarize(saved)
-    wall = time.perf_counter() - start
     print()
     print(f"comparisons      {summary['n_comparisons']:>14,}")
     print(f"tested           {summary['n_tests']:>14,}")
@@ -310,8 +317,10 @@ def _test(args) -> int:
     if "n_significant_q05" in summary:
         print(f"q < 0.05         {summary['n_significant_q05']:>14,}")
         print(f"q < 0.10         {summary['n_significant_q10']:>14,}")
-    print(f"wall time        {wall:>14.1f} s")
-    print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
+    if start is not None:
+        wall = time.perf_counter() - start
+        print(f"wall time        {wall:>14.1f} s")
+        print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
     print(f"results          {args.results}")
     return 0
 

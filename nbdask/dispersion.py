@@ -38,7 +38,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .kernels.backend import is_host, namespaces, to_host
+from .kernels.backend import device, is_host, namespaces, to_host
 from .kernels.moments import block_moments, group_moments, poisson_term
 from .kernels.mom import MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
 from .schema import FEATURE, host_values
@@ -127,7 +127,7 @@ def _screen(xp, pearson, n_t, valid):
     """Groups kept in the pool: valid, Pearson statistic under the chi-square limit, and not in
     an over-dispersed perturbation ([P_b, G_b] bool)."""
     df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
-    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64), xp.reshape(df_index, (-1,))),
+    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64, device=device(n_t)), xp.reshape(df_index, (-1,))),
                        n_t.shape)
     return valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
 
@@ -208,9 +208,9 @@ def _group_phi(xp, m):
 def combine(sums, control_counts, control_size_factor) -> dict[str, np.ndarray]:
     """Per-feature dispersion and between-perturbation variance from the summed partials."""
     xp, _ = namespaces(sums)
-    s = dict(zip(SUMS, sums))
+    s = {name: sums[i, ...] for i, name in enumerate(SUMS)}
     ctrl = group_moments(xp, control_counts, xp.astype(control_size_factor, xp.float64),
-                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+                         xp.ones_like(control_size_factor, dtype=xp.bool))
     w = xp.maximum(ctrl.n - 1.0, 0.0)
     num = s["numerator"] + w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor)
     den = s["denominator"] + w * (ctrl.rate_mean ** 2 - ctrl.rate_var / ctrl.n)

@@ -55,7 +55,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
          fdr_scope: str = "global", dispersion: str = "feature", dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
          fdr_backend: str = "auto", check_counts: bool = True,
-         transformer_weights: str | None = None) -> xr.Dataset:
+         transformer_weights: str | None = None, pooled: xr.Dataset | None = None) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -96,6 +96,10 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         ``method="transformer"``: an ``.npz`` written by ``nbdask train``; None = the weights
         shipped in ``nbdask/weights``. A design outside their training prior (more than 10
         or fewer than 2 replicates in a group) gets an ``NbdaskWarning``.
+    pooled
+        The per-feature variables an earlier pooling pass over this cube gave (e.g. read back by
+        ``nbdask.io.stored_pooling`` from an interrupted run's store), used instead of running
+        the pass again; ignored with ``dispersion="comparison"``.
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed
         (a bad block fails the run with a ``CubeError``).
@@ -129,10 +133,11 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
 
     counts = cube["counts"]
     side = _aligned_side_inputs(cube)
-    pooled = None
     per_feature, per_feature_names = [], []
-    if dispersion != "comparison":
-        pooled = feature_dispersion(cube)
+    if dispersion == "comparison":
+        pooled = None
+    else:
+        pooled = feature_dispersion(cube) if pooled is None else _check_pooled(pooled, cube)
         per_feature_names = ["feature_dispersion"] + (["dispersion_spread"] if dispersion == "shrunk" else [])
         values = {"feature_dispersion": np.exp(pooled["feature_log_dispersion"].values.astype(np.float64)),
                   "dispersion_spread": pooled["feature_dispersion_spread"].values}
@@ -196,6 +201,16 @@ def _check_transformer_design(design: dict, weights) -> None:
                       f"weights were trained on 2-{MAX_REPLICATES} per group, so their estimates "
                       "extrapolate there; method='mom' or 'irls' cover any design",
                       NbdaskWarning, stacklevel=3)
+
+
+def _check_pooled(pooled: xr.Dataset, cube: xr.Dataset) -> xr.Dataset:
+    """``pooled`` if it covers the cube's features (same labels, same order)."""
+    labels = cube[FEATURE].values if FEATURE in cube.coords else None
+    if (pooled.sizes.get(FEATURE) != cube.sizes[FEATURE] or labels is not None and (
+            FEATURE not in pooled.coords or not np.array_equal(pooled[FEATURE].values, labels))):
+        raise OptionError(f"pooled: its {FEATURE} axis does not match the cube's "
+                          f"({cube.sizes[FEATURE]} features); pass the pooling of this cube, or None")
+    return pooled
 
 
 def _aligned_side_inputs(cube: xr.Dataset) -> list[xr.DataArray]:

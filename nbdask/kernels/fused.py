@@ -15,7 +15,6 @@ import numpy as np
 
 from .exact import BIG as _BIG
 from .exact import LOG_BIG as _LOG_BIG
-from .exact import TIE as _TIE
 from .exact import TRUNCATION as _TRUNCATION
 from .irls import CHECK_EVERY, INNER_STEPS, MAX_ALPHA_STEP, MAX_DISPERSION, MAX_LOG_FOLD_CHANGE
 from .mom import MIN_DISPERSION, ZERO_GROUP_COUNT
@@ -647,11 +646,9 @@ def pearson_statistics(counts, sf, rate_mean, est, out):
 
 @_jit
 def _exact_walk(obs, s, kt, kc, c, trunc, up):
-    """``exact._walk`` for one comparison: (small, ties, sum of all terms, its exponent in BIG)."""
+    """``exact._walk`` for one comparison: the log of its tail sum (-inf when empty)."""
     value = 1.0
     e = 0
-    small = 0.0
-    ties = 0.0
     tot = 0.0
     etot = 0
     t = obs
@@ -673,19 +670,20 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
         elif e > etot:
             tot = tot / _BIG + value
             etot = e
-        if e == 0:
-            if value < 1.0 - _TIE:
-                small += value
-                if trunc and value < _TRUNCATION * (small + 0.5):
-                    break
-            elif value <= 1.0 + _TIE:
-                ties += value
-    return small, ties, tot, etot
+        if trunc and (e < etot or value < _TRUNCATION * tot):
+            break
+    return math.log(tot) + etot * _LOG_BIG if tot > 0 else -math.inf
+
+
+@_jit
+def _logaddexp(a, b):
+    hi = max(a, b)
+    return hi + math.log(math.exp(a - hi) + math.exp(b - hi))
 
 
 @_jit
 def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
-    """``exact.conditional_p`` for one comparison."""
+    """``exact.conditional_p`` for one comparison (doubled mid-p tail)."""
     rate = s / (l_t + l_c)
     kt = l_t * l_t / (phi * l2_t)
     kc = l_c * l_c / (phi * l2_c)
@@ -693,16 +691,10 @@ def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     mc = rate * l_c
     c = (mt / (mt + kt)) / (mc / (mc + kc))
     trunc = kt >= 1.0 and kc >= 1.0
-    su, tu, au, eu = _exact_walk(obs, s, kt, kc, c, trunc, True)
-    sd, td, ad, ed = _exact_walk(obs, s, kt, kc, c, trunc, False)
-    small = su + sd + 0.5 * (1.0 + tu + td)
-    if eu == 0 and ed == 0:  # no term beyond 1e280 times a_obs: plain sums
-        return min(small / (au + ad + 1.0), 1.0)
-    lu = math.log(au) + eu * _LOG_BIG if au > 0 else -math.inf
-    ld = math.log(ad) + ed * _LOG_BIG if ad > 0 else -math.inf
-    hi = max(max(lu, ld), 0.0)
-    log_total = hi + math.log(math.exp(lu - hi) + math.exp(ld - hi) + math.exp(-hi))
-    return min(math.exp(math.log(small) - log_total), 1.0)
+    half = math.log(0.5)
+    lu = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, True), half)
+    ld = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, False), half)
+    return min(2.0 * math.exp(min(lu, ld) - _logaddexp(lu, ld)), 1.0)
 
 
 # Acklam's rational approximation of the normal quantile (relative error < 1.2e-9: ample for
