@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                           "is <= 32, Wald elsewhere), exact (everywhere), wald, or lrt (irls only)")
     tst.add_argument("--dispersion", default="feature", choices=["feature", "comparison", "shrunk"],
                      help="pooled per feature (default), per comparison (the paper's), or shrunk")
+    tst.add_argument("--dispersion-prior", default="trend", choices=["trend", "none"],
+                     help="pooled modes: borrow across features too, through a prior around the "
+                          "mean-dispersion trend (default), or not (none)")
+    tst.add_argument("--no-independent-filtering", dest="independent_filtering", action="store_false",
+                     help="keep every feature in the FDR step (default: leave out those whose mean "
+                          "count is too low to reach significance, as DESeq2 does)")
     tst.add_argument("--dispersion-fit", default="ml", choices=["ml", "cox-reid"],
                      help="irls: maximum-likelihood or Cox-Reid adjusted dispersion")
     tst.add_argument("--max-iter", type=int, default=50, help="irls: iteration cap (<= 127)")
@@ -303,6 +309,8 @@ def _test(args) -> int:
             cube = open_cube(args.cube, chunks=chunks, storage_options=so)
             results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                            fdr_scope=args.fdr_scope, dispersion=args.dispersion,
+                           dispersion_prior=args.dispersion_prior,
+                           independent_filtering=args.independent_filtering,
                            dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
                            fdr_backend=args.fdr_backend, engine=args.engine,
                            transformer_weights=args.transformer_weights, pooled=pooled)

@@ -13,6 +13,7 @@ from zarr.codecs import BloscCodec
 
 from .errors import CubeError, MissingStoreError, ResultsError, StoreError
 from .fdr import LAMBDAS as _LAMBDAS
+from .fdr import N_KEYS
 from .schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, REPLICATE, TRUTH,
                      check_small_values, validate_structure)
 
@@ -296,8 +297,9 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
         else:
             grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
             first = results.drop_vars("q_value", errors="ignore")
+            levels = _filter_levels(results) if fdr != "none" else None
             with compute_client(client=client) as active:
-                stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume)
+                stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume, levels)
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
                 stored = xr.open_zarr(make_store(url, storage_options=storage_options,
@@ -306,15 +308,19 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                                                        worker_threads(active)),
                                       drop_variables=[DONE_ARRAY])
                 if stats is None:  # resumed: the skipped blocks' counts are in the store
-                    from .fdr import counts_graph
-
-                    stats = active.compute(counts_graph(stored["p_value"].data)).result()
+                    stats = active.compute(_counts_graph(stored["p_value"].data, levels)).result()
+                n_base = N_KEYS + len(_LAMBDAS) + 1
+                stats, hist = stats[:n_base], stats[n_base:]
                 counts = {"n_tests": int(stats[:-(len(_LAMBDAS) + 1)].sum())}
                 if fdr != "none":
-                    q = adjust(stored["p_value"], method=fdr,
+                    p_fdr = stored["p_value"]
+                    if levels is not None:
+                        p_fdr, stats, info = _filtered(active, p_fdr, results, levels, hist, stats)
+                        counts.update(info)
+                    q = adjust(p_fdr, method=fdr,
                                scope=results.attrs.get("fdr_scope", "global"),
                                backend=results.attrs.get("fdr_backend", "auto"),
-                               n_tests=counts["n_tests"], stats=stats)
+                               n_tests=int(stats[:-(len(_LAMBDAS) + 1)].sum()), stats=stats)
                     final.update(q.attrs)
                     q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
                         results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
@@ -423,7 +429,7 @@ def _resume_plan(url, storage_options, results, lazy, exists) -> str:
     return "resume"
 
 
-def _store_block(*blocks, store, names, block_info=None):
+def _store_block(*blocks, store, names, levels=None, block_info=None):
     """Write one block's region of every array, then tick it; returns its FDR counts.
 
     Runs as ``da.map_blocks`` over all output arrays at once, so the kernel task that
@@ -431,14 +437,57 @@ def _store_block(*blocks, store, names, block_info=None):
     optimisation fuse, and rerun, the kernel once per output).
     """
     from .fdr import _chunk_counts
+    from .filtering import histogram
 
     group = _write_region(store, names, blocks, block_info[0])
     group[DONE_ARRAY][tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
-    return _chunk_counts(blocks[names.index("p_value")])[None, None, :]
+    p = blocks[names.index("p_value")]
+    out = _chunk_counts(p)
+    if levels is not None:
+        g0, g1 = block_info[0]["array-location"][1]
+        out = np.concatenate([out, histogram(p, levels[g0:g1])])
+    return out[None, None, :]
 
 
-def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool):
-    """Pass 1: one compute-write-tick task per block not yet done; (FDR counts or None, n)."""
+def _filter_levels(results: xr.Dataset) -> np.ndarray | None:
+    """Each feature's independent-filtering level, when the run filters (``nbdask.filtering``)."""
+    if not results.attrs.get("independent_filtering") or "feature_base_mean" not in results:
+        return None
+    from .filtering import levels, thresholds
+
+    base = results["feature_base_mean"].values
+    return levels(base, thresholds(base))
+
+
+def _counts_graph(p, levels):
+    """Pass 1's totals for stored p-values: FDR counts, then the filter histogram if filtering."""
+    import dask.array as da
+
+    from .fdr import counts_graph
+    from .filtering import histogram_graph
+
+    graph = counts_graph(p)
+    return graph if levels is None else da.concatenate([graph, histogram_graph(p, levels)])
+
+
+def _filtered(client, p, results, levels, hist, stats):
+    """The p-values of the features that pass the chosen filter, their FDR counts (recounted
+    only when the filter drops tested comparisons) and the filter's attrs."""
+    from .fdr import counts_graph
+    from .filtering import choose, keep_mask, summary
+
+    chosen = choose(hist)
+    info = summary(results["feature_base_mean"].values, hist, chosen)
+    if info["n_filtered"]:
+        p = p.where(xr.DataArray(keep_mask(levels, chosen), dims=FEATURE))
+        stats = client.compute(counts_graph(p.data)).result()
+    return p, stats, info
+
+
+def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool,
+                  levels: np.ndarray | None = None):
+    """Pass 1: one compute-write-tick task per block not yet done; (FDR counts, then the filter
+    histogram when ``levels`` are given, or None; n)."""
     import dask.array as da
 
     from .cluster import show_progress
@@ -455,9 +504,11 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
         zarr.open_group(store, mode="r+").create_array(
             DONE_ARRAY, shape=done.shape, chunks=(1, 1), dtype=bool, fill_value=False,
             dimension_names=("perturbation_block", "feature_block"))
-    n_counts = N_KEYS + len(LAMBDAS) + 1
+    from .filtering import HIST_BINS, LEVELS
+
+    n_counts = N_KEYS + len(LAMBDAS) + 1 + (0 if levels is None else LEVELS * HIST_BINS)
     written = da.map_blocks(
-        _store_block, *(ds[n].data for n in names), store=store, names=names,
+        _store_block, *(ds[n].data for n in names), store=store, names=names, levels=levels,
         chunks=(tuple(1 for _ in chunks[0]), tuple(1 for _ in chunks[1]), (n_counts,)),
         new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
     todo = list(zip(*np.nonzero(~done)))

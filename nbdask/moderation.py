@@ -66,6 +66,9 @@ TREND_OUTLIER_LEVEL = 0.999
 _FINE = np.linspace(-3.0, 3.0, 121)
 #: Features per chunk of grid work (bounds memory at ~ CHUNK x 145 x 8 bytes per array).
 CHUNK = 4096
+#: The prior's three parameters are fitted on at most this many features (evenly spread over
+#: the mean counts), which determine them to well within their sampling error.
+PRIOR_FEATURES = 4096
 
 
 @dataclass
@@ -189,6 +192,9 @@ def fit_prior(ev: Evidence, log_trend, nu) -> Prior:
     have = np.flatnonzero(ev.dof > 0)
     if have.size < 2:
         return Prior(0.0, 1.0, math.inf)
+    if have.size > PRIOR_FEATURES:
+        by_mean = have[np.argsort(ev.mean[have], kind="stable")]
+        have = np.sort(by_mean[np.linspace(0, have.size - 1, PRIOR_FEATURES).astype(np.int64)])
     likelihood = np.empty((have.size, OFFSETS.size))
     for part in _chunks(have.size):
         idx = have[part]

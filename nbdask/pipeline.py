@@ -14,6 +14,7 @@ from .dispersion import DISPERSION_PRIORS, DISPERSIONS, feature_dispersion
 from .errors import NbdaskWarning, OptionError
 from .fdr import BACKENDS as FDR_BACKENDS
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
+from .filtering import filter_p
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
 from .kernels.exact import CONDITIONAL_TESTS, conditional_outputs
@@ -61,7 +62,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
          fdr_scope: str = "global", dispersion: str = "feature", dispersion_prior: str = "trend",
          dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
-         fdr_backend: str = "auto", check_counts: bool = True,
+         fdr_backend: str = "auto", independent_filtering: bool = True, check_counts: bool = True,
          transformer_weights: str | None = None, pooled: xr.Dataset | None = None) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
@@ -79,6 +80,11 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         see ``nbdask.kernels.exact``) where the comparison's total count is at most 32, the
         method's Wald test elsewhere; ``"exact"``: the exact test everywhere; ``"wald"``; or
         ``"lrt"`` (likelihood ratio against beta = 0; ``"irls"`` only).
+    independent_filtering
+        With a pooled dispersion: leave the features whose mean count is too low to reach
+        significance out of the FDR step, at the threshold (a quantile of the features' means)
+        that rejects most at q < 0.1, as DESeq2 does (``nbdask.filtering``); their q-values are
+        NaN, their p-values stay.
     fdr, fdr_scope, fdr_backend
         ``"bh"`` (exact Benjamini–Hochberg, R's ``p.adjust`` semantics), ``"storey"`` (pi0 x BH,
         global scope) or ``"none"``; over all comparisons (``"global"``) or within each
@@ -188,13 +194,19 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         for name in pooled.data_vars:
             results[name] = pooled[name].assign_attrs(OUTPUTS[name].attrs())
         results.attrs.update({k: v for k, v in pooled.attrs.items() if k.startswith("dispersion_prior_")})
+    filtering = bool(independent_filtering) and pooled is not None
     if fdr != "none":
-        q = adjust(results["p_value"], method=fdr, scope=fdr_scope, backend="gather")
+        p_fdr, info = results["p_value"], None
+        if filtering:
+            p_fdr, info = filter_p(p_fdr, pooled["feature_base_mean"].values)
+        q = adjust(p_fdr, method=fdr, scope=fdr_scope, backend="gather")
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())
+        results.attrs.update(info or {})
     options = {"method": method, "fdr": fdr, "fdr_scope": fdr_scope, "fdr_backend": fdr_backend,
                "dispersion": dispersion, **kernel_options, "test": test}
     if dispersion != "comparison":
         options["dispersion_prior"] = dispersion_prior
+    options["independent_filtering"] = filtering
     results.attrs.update(options)
     results.attrs.update({
         "options": json.dumps(options, sort_keys=True),
