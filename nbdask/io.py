@@ -13,6 +13,7 @@ from zarr.codecs import BloscCodec
 
 from .errors import CubeError, MissingStoreError, ResultsError, StoreError
 from .fdr import LAMBDAS as _LAMBDAS
+from .fdr import N_KEYS
 from .schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, REPLICATE, TRUTH,
                      check_small_values, validate_structure)
 
@@ -265,16 +266,16 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
 
     The store says ``nbdask_status="incomplete"`` until every array and the summary attributes
     are written, and ``"complete"`` only then; an error leaves it ``"failed"``. ``resume=True``
-    continues an interrupted or failed store written with the same options and chunking: only
-    the blocks not ticked are computed, then pass 2 runs and the store is finalised, from any
-    machine that reaches the store. Returns the results reopened from the store.
+    is idempotent, for retry loops: with no store (or one whose run died before its first block)
+    it starts a fresh run; with a complete store it does nothing; with an interrupted or failed
+    store written with the same options and chunking it computes only the blocks not ticked,
+    then runs pass 2 and finalises, from any machine that reaches the store. It says which, as
+    one log line. Returns the results reopened from the store.
     """
     from .cluster import compute_client
     from .fdr import adjust, worker_threads
 
     exists = _exists(url, storage_options)
-    if resume and not exists:
-        raise ResultsError(f"{url}: nothing to resume (no store there); run without --resume")
     if exists and not overwrite and not resume:
         raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to "
                            f"replace it, or resume=True (--resume) to finish an interrupted run")
@@ -286,9 +287,10 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     store = make_store(url, storage_options=storage_options)
     lazy = results["p_value"].chunks is not None
     if resume:
-        status = _check_resumable(url, storage_options, results, lazy)
-        if status == "complete":
+        plan = _resume_plan(url, storage_options, results, lazy, exists)
+        if plan == "complete":
             return open_results(url, storage_options=storage_options)
+        resume = plan == "resume"
     start = time.perf_counter()
     fdr = results.attrs.get("fdr", "none")
     final: dict = {}
@@ -300,8 +302,9 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
         else:
             grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
             first = results.drop_vars("q_value", errors="ignore")
+            levels = _filter_levels(results) if fdr != "none" else None
             with compute_client(client=client) as active:
-                stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume)
+                stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume, levels)
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
                 stored = xr.open_zarr(make_store(url, storage_options=storage_options,
@@ -310,15 +313,19 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                                                        worker_threads(active)),
                                       drop_variables=[DONE_ARRAY])
                 if stats is None:  # resumed: the skipped blocks' counts are in the store
-                    from .fdr import counts_graph
-
-                    stats = active.compute(counts_graph(stored["p_value"].data)).result()
+                    stats = active.compute(_counts_graph(stored["p_value"].data, levels)).result()
+                n_base = N_KEYS + len(_LAMBDAS) + 1
+                stats, hist = stats[:n_base], stats[n_base:]
                 counts = {"n_tests": int(stats[:-(len(_LAMBDAS) + 1)].sum())}
                 if fdr != "none":
-                    q = adjust(stored["p_value"], method=fdr,
+                    p_fdr = stored["p_value"]
+                    if levels is not None:
+                        p_fdr, stats, info = _filtered(active, p_fdr, results, levels, hist, stats)
+                        counts.update(info)
+                    q = adjust(p_fdr, method=fdr,
                                scope=results.attrs.get("fdr_scope", "global"),
                                backend=results.attrs.get("fdr_backend", "auto"),
-                               n_tests=counts["n_tests"], stats=stats)
+                               n_tests=int(stats[:-(len(_LAMBDAS) + 1)].sum()), stats=stats)
                     final.update(q.attrs)
                     q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
                         results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
@@ -360,13 +367,58 @@ def _fdr_grid(grid: Mapping[str, int], shape: tuple[int, int], threads: int) -> 
 DONE_ARRAY = "nbdask_done_blocks"
 
 
-def _check_resumable(url, storage_options, results, lazy) -> str:
+#: The one line ``save_results(..., resume=True)`` logs for a store that needs nothing.
+RESUME_COMPLETE = "%s: already complete; nothing to resume"
+
+
+def results_status(url: str, *, storage_options: Mapping | None = None) -> str | None:
+    """The ``nbdask_status`` of a results store ("incomplete", "failed", "complete"), None when
+    there is no store."""
+    try:
+        return _open_group(url, storage_options).attrs.get(STATUS_ATTR)
+    except MissingStoreError:
+        return None
+
+
+def stored_pooling(url: str, *, storage_options: Mapping | None = None) -> xr.Dataset | None:
+    """The per-feature variables (first dim ``feature``) of an nbdask results store, loaded, or
+    None without a store or without them.
+
+    ``save_results`` writes them with the store's skeleton, before any block, so a store that
+    exists holds them whole: ``nbdask test --resume`` hands them to ``nbdask.test(pooled=...)``
+    instead of running the pooling pass again.
+    """
+    try:
+        group = _open_group(url, storage_options)
+    except MissingStoreError:
+        return None
+    if group.attrs.get(STATUS_ATTR) is None or DONE_ARRAY not in group:
+        return None
+    store = make_store(url, storage_options=storage_options, read_only=True)
+    ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks=None,
+                      drop_variables=[DONE_ARRAY])
+    names = [n for n, v in ds.data_vars.items() if v.dims[:1] == (FEATURE,)]
+    return ds[names].load() if names else None
+
+
+def _resume_plan(url, storage_options, results, lazy, exists) -> str:
+    """What ``resume=True`` does with the store at ``url``, logged as one line: "fresh" (no
+    store, or its run died before the block record existed), "complete" or "resume"."""
+    if not exists:
+        logger.warning("%s: no results store yet; starting a fresh run", url)
+        return "fresh"
     group = _open_group(url, storage_options, "r")
     status = group.attrs.get(STATUS_ATTR)
     if status == "complete":
-        return status
+        logger.warning(RESUME_COMPLETE, url)
+        return "complete"
+    if status is None:
+        raise ResultsError(f"{url}: not an nbdask results store (no {STATUS_ATTR!r} attribute); "
+                           f"choose another path, or remove it")
     if not lazy or DONE_ARRAY not in group:
-        raise ResultsError(f"{url}: cannot resume (no block record in the store); rerun with --overwrite")
+        logger.warning("%s: nothing of the interrupted run to keep (no block record); "
+                       "starting afresh", url)
+        return "fresh"
     if group.attrs.get("options") != results.attrs.get("options"):
         raise ResultsError(f"{url}: cannot resume, the store was written with options "
                            f"{group.attrs.get('options')}, this run has {results.attrs.get('options')}; "
@@ -376,10 +428,13 @@ def _check_resumable(url, storage_options, results, lazy) -> str:
             c[0] for c in results["p_value"].chunks):
         raise ResultsError(f"{url}: cannot resume, the store's block grid differs from this run's "
                            f"chunks; open the cube with the same chunks or use --overwrite")
-    return status
+    done = group[DONE_ARRAY][:]
+    logger.warning("%s: resuming (status %s): %d of %d blocks to compute, then the FDR pass",
+                   url, status, int(done.size - done.sum()), done.size)
+    return "resume"
 
 
-def _store_block(*blocks, store, names, block_info=None):
+def _store_block(*blocks, store, names, levels=None, block_info=None):
     """Write one block's region of every array, then tick it; returns its FDR counts.
 
     Runs as ``da.map_blocks`` over all output arrays at once, so the kernel task that
@@ -387,14 +442,57 @@ def _store_block(*blocks, store, names, block_info=None):
     optimisation fuse, and rerun, the kernel once per output).
     """
     from .fdr import _chunk_counts
+    from .filtering import histogram
 
     group = _write_region(store, names, blocks, block_info[0])
     group[DONE_ARRAY][tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
-    return _chunk_counts(blocks[names.index("p_value")])[None, None, :]
+    p = blocks[names.index("p_value")]
+    out = _chunk_counts(p)
+    if levels is not None:
+        g0, g1 = block_info[0]["array-location"][1]
+        out = np.concatenate([out, histogram(p, levels[g0:g1])])
+    return out[None, None, :]
 
 
-def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool):
-    """Pass 1: one compute-write-tick task per block not yet done; (FDR counts or None, n)."""
+def _filter_levels(results: xr.Dataset) -> np.ndarray | None:
+    """Each feature's independent-filtering level, when the run filters (``nbdask.filtering``)."""
+    if not results.attrs.get("independent_filtering") or "feature_base_mean" not in results:
+        return None
+    from .filtering import levels, thresholds
+
+    base = results["feature_base_mean"].values
+    return levels(base, thresholds(base))
+
+
+def _counts_graph(p, levels):
+    """Pass 1's totals for stored p-values: FDR counts, then the filter histogram if filtering."""
+    import dask.array as da
+
+    from .fdr import counts_graph
+    from .filtering import histogram_graph
+
+    graph = counts_graph(p)
+    return graph if levels is None else da.concatenate([graph, histogram_graph(p, levels)])
+
+
+def _filtered(client, p, results, levels, hist, stats):
+    """The p-values of the features that pass the chosen filter, their FDR counts (recounted
+    only when the filter drops tested comparisons) and the filter's attrs."""
+    from .fdr import counts_graph
+    from .filtering import choose, keep_mask, summary
+
+    chosen = choose(hist)
+    info = summary(results["feature_base_mean"].values, hist, chosen)
+    if info["n_filtered"]:
+        p = p.where(xr.DataArray(keep_mask(levels, chosen), dims=FEATURE))
+        stats = client.compute(counts_graph(p.data)).result()
+    return p, stats, info
+
+
+def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, resume: bool,
+                  levels: np.ndarray | None = None):
+    """Pass 1: one compute-write-tick task per block not yet done; (FDR counts, then the filter
+    histogram when ``levels`` are given, or None; n)."""
     import dask.array as da
 
     from .cluster import show_progress
@@ -411,9 +509,11 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
         zarr.open_group(store, mode="r+").create_array(
             DONE_ARRAY, shape=done.shape, chunks=(1, 1), dtype=bool, fill_value=False,
             dimension_names=("perturbation_block", "feature_block"))
-    n_counts = N_KEYS + len(LAMBDAS) + 1
+    from .filtering import HIST_BINS, LEVELS
+
+    n_counts = N_KEYS + len(LAMBDAS) + 1 + (0 if levels is None else LEVELS * HIST_BINS)
     written = da.map_blocks(
-        _store_block, *(ds[n].data for n in names), store=store, names=names,
+        _store_block, *(ds[n].data for n in names), store=store, names=names, levels=levels,
         chunks=(tuple(1 for _ in chunks[0]), tuple(1 for _ in chunks[1]), (n_counts,)),
         new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
     todo = list(zip(*np.nonzero(~done)))
@@ -439,8 +539,9 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
 
     from .cluster import show_progress
 
-    q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
-                 encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
+    if "q_value" not in zarr.open_group(store, mode="r"):  # else a resumed FDR pass: it exists
+        q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
+                     encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
     q = q_ds["q_value"].data
     written = da.map_blocks(_store_q_block, q, store=store,
                             chunks=(tuple(1 for _ in q.chunks[0]), tuple(1 for _ in q.chunks[1]), (2,)),
