@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -173,3 +174,20 @@ def test_import_help_ends_with_an_example(words, capsys):
     lines = capsys.readouterr().out.rstrip().splitlines()
     tail = "\n".join(lines[-5:])
     assert re.search(r"examples?:\n  nbdask import ", tail) and lines[-1].startswith("      --"), tail
+
+
+REALDATA = Path(__file__).resolve().parent / "fixtures" / "realdata"
+
+
+@pytest.mark.parametrize("dataset, contrast, column, control", [
+    ("airway", "airway_dex", "dex", "untrt"), ("pasilla", "pasilla_knockdown", "condition", "untreated")])
+def test_size_factors_equal_deseq2s_on_real_counts(dataset, contrast, column, control):
+    """DESeq2's own sizeFactors (R, committed with the fixtures) for every sample of the table."""
+    cube = nbdask.from_table(REALDATA / f"{dataset}_counts.tsv.gz", REALDATA / f"{dataset}_samples.tsv",
+                             group_column=column, control=control)
+    reference = pd.read_csv(REALDATA / "size_factors.tsv", sep="\t")
+    reference = reference[reference["contrast"] == contrast].set_index("sample")["deseq2_size_factor"]
+    got = dict(zip(cube.control_sample.values, cube.control_size_factor.values))
+    got.update((s, f) for s, f in zip(cube.replicate_sample.values[0], cube.size_factor.values[0]) if s)
+    assert sorted(got) == sorted(reference.index)
+    np.testing.assert_allclose([got[s] for s in reference.index], reference.values, rtol=1e-10)
