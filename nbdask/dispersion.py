@@ -328,7 +328,8 @@ def feature_dispersion(cube: xr.Dataset, *, prior: str = "trend") -> xr.Dataset:
     ``nbdask.moderation``; with ``"none"`` the pooled log phi_f, the trend where no group
     informs it), ``feature_log_dispersion_sd``, ``feature_log_dispersion_trend``,
     ``feature_base_mean``, ``feature_dispersion_spread`` (tau^2), ``feature_outlier_groups``;
-    with ``"trend"`` also ``feature_dispersion_nodes`` (feature, dispersion_node).
+    with ``"trend"`` also ``feature_dispersion_nodes`` and ``feature_dispersion_weights``
+    (feature, dispersion_node): the posterior's nodes and their weights.
     """
     counts = cube["counts"]
     side = [cube[v].drop_vars(list(cube[v].coords)) for v in
@@ -378,4 +379,5 @@ def feature_dispersion(cube: xr.Dataset, *, prior: str = "trend") -> xr.Dataset:
     }
     if prior == "trend":
         variables["feature_dispersion_nodes"] = ((FEATURE, NODE), fit["nodes"].astype(np.float32))
+        variables["feature_dispersion_weights"] = ((FEATURE, NODE), fit["node_weights"])
     return xr.Dataset(variables, coords=coords, attrs=attrs)

@@ -28,10 +28,14 @@ estimate; with one it is flat, and the prior decides.
   prior is the spread of the true dispersions, the sampling noise of each feature's estimate
   taken out (as DESeq2's prior variance and limma's d0 do).
 - **Posterior.** On the same grid for every feature: its mean of log phi (the dispersion the
-  estimates and the standard error use), its standard deviation, and NODES equal-probability
-  quantiles that the tests average their p-value over (``kernels.integrate``), so that the
-  dispersion's remaining uncertainty reaches the p-value: with one perturbation and 2 vs 2
-  samples it is wide, with thousands of perturbations a point.
+  estimates and the standard error use), its standard deviation, and NODES nodes with weights
+  that the tests average their p-value over (``kernels.integrate``), so that the dispersion's
+  remaining uncertainty reaches the p-value: with one perturbation and 2 vs 2 samples it is
+  wide, with thousands of perturbations a point. The nodes cut the posterior's support (down to
+  TAIL_MASS on each side) into NODES cells of equal width in log phi, each node the cell's mean
+  and its weight the cell's mass: a small p-value is dominated by the upper tail of the
+  posterior (the largest dispersions give the largest p), which equal-probability quantiles
+  would cut off, making the tests' tails liberal (twice the nominal rate at p < 0.001).
 
 Everything here is per feature (arrays of length G) and runs once on the client after the
 pooling pass: a few seconds for 60,000 features.
@@ -48,8 +52,10 @@ from scipy import optimize, stats
 from .kernels.mom import DISPERSION_CEILING as MAX_DISPERSION
 from .kernels.mom import MIN_DISPERSION
 
-#: Quantile nodes of each feature's posterior of log phi that the tests average over.
-NODES = 8
+#: Nodes of each feature's posterior of log phi that the tests average over, and the posterior
+#: mass left out beyond the outermost cells on each side.
+NODES = 16
+TAIL_MASS = 1e-9
 #: Grid of log phi relative to the trend, for the prior fit and the posteriors.
 OFFSETS = np.linspace(-10.0, 8.0, 145)
 #: Degrees of freedom the prior's Student t may take (inf: normal).
@@ -214,17 +220,29 @@ def fit_prior(ev: Evidence, log_trend, nu) -> Prior:
     return best[1]
 
 
-def _quantiles(grid, weights, k):
-    """k equal-probability quantile nodes (midpoints) of discrete posteriors: [G, k]."""
-    cum = np.cumsum(weights, axis=1)
+def _cells(grid, weights, k):
+    """Nodes and weights [G, k]: the support of each discrete posterior (grid [G, K], weights
+    [G, K]) beyond TAIL_MASS on each side cut into k cells of equal width; a node is its cell's
+    mean, its weight the cell's mass (empty cells: the cell centre, weight 0)."""
     rows = np.arange(grid.shape[0])
-    return np.stack([grid[rows, np.argmax(cum >= (j + 0.5) / k, axis=1)] for j in range(k)], axis=1)
+    cum = np.cumsum(weights, axis=1)
+    lo = grid[rows, np.argmax(cum > TAIL_MASS, axis=1)]
+    hi = grid[rows, np.argmax(cum >= 1.0 - TAIL_MASS, axis=1)]
+    width = np.maximum(hi - lo, 1e-12) / k
+    cell = np.clip(((grid - lo[:, None]) / width[:, None]).astype(np.int64), 0, k - 1)
+    flat = rows[:, None] * k + cell
+    mass = np.bincount(flat.ravel(), weights.ravel(), minlength=grid.shape[0] * k).reshape(-1, k)
+    first = np.bincount(flat.ravel(), (weights * grid).ravel(), minlength=grid.shape[0] * k).reshape(-1, k)
+    centre = lo[:, None] + (np.arange(k) + 0.5) * width[:, None]
+    nodes = np.where(mass > 0, first / np.where(mass > 0, mass, 1.0), centre)
+    return nodes, mass / mass.sum(axis=1, keepdims=True)
 
 
 def posterior(ev: Evidence, log_trend, nu, prior: Prior):
-    """Posterior mean and sd of log phi [G] and its NODES quantile nodes [G, NODES]."""
+    """Posterior mean and sd of log phi [G], its NODES nodes and their weights [G, NODES]."""
     g = log_trend.shape[0]
-    mean, sd, nodes = np.empty(g), np.empty(g), np.empty((g, NODES))
+    mean, sd = np.empty(g), np.empty(g)
+    nodes, node_weights = np.empty((g, NODES)), np.empty((g, NODES))
     step = OFFSETS[1] - OFFSETS[0]
     lo, hi = math.log(MIN_DISPERSION), math.log(MAX_DISPERSION)
     for part in _chunks(g):
@@ -234,7 +252,7 @@ def posterior(ev: Evidence, log_trend, nu, prior: Prior):
         w = _normalise(sub.loglik(nu[part], grid) + logp)
         m = (w * grid).sum(axis=1)
         s = np.sqrt(np.maximum((w * (grid - m[:, None]) ** 2).sum(axis=1), 0.0))
-        q = _quantiles(grid, w, NODES)
+        q, qw = _cells(grid, w, NODES)
         sharp = np.flatnonzero(s < 2 * step)  # resolve posteriors narrower than the grid
         if sharp.size:
             centre = grid[sharp, np.argmax(w[sharp], axis=1)]
@@ -243,9 +261,9 @@ def posterior(ev: Evidence, log_trend, nu, prior: Prior):
             wf = _normalise(sub.take(sharp).loglik(nu[part][sharp], fine) + fine_logp)
             m[sharp] = (wf * fine).sum(axis=1)
             s[sharp] = np.sqrt(np.maximum((wf * (fine - m[sharp, None]) ** 2).sum(axis=1), 0.0))
-            q[sharp] = _quantiles(fine, wf, NODES)
-        mean[part], sd[part], nodes[part] = m, s, q
-    return mean, sd, nodes
+            q[sharp], qw[sharp] = _cells(fine, wf, NODES)
+        mean[part], sd[part], nodes[part], node_weights[part] = m, s, q, qw
+    return mean, sd, nodes, node_weights
 
 
 def _normalise(log_w):
@@ -257,14 +275,15 @@ def moderate(ev: Evidence) -> dict:
     """Trend, prior and posteriors for every feature: per-feature arrays and the fit's summary.
 
     Returns ``log_dispersion`` (posterior mean of log phi), ``log_dispersion_sd``,
-    ``log_dispersion_trend`` (the prior's centre, trend + shift), ``nodes`` [G, NODES] (log phi
-    quantiles of the posterior), ``mean`` and ``prior`` (shift, scale, df).
+    ``log_dispersion_trend`` (the prior's centre, trend + shift), ``nodes`` and ``node_weights``
+    [G, NODES] (log phi nodes of the posterior and their masses), ``mean`` and ``prior``
+    (shift, scale, df).
     """
     trend = fit_trend(ev)
     log_trend = trend(ev.mean)
     nu = np.where(ev.dof > 0, ev.nu(np.exp(log_trend)), 0.0)
-    prior = fit_prior(ev, log_trend, nu)
-    mean, sd, nodes = posterior(ev, log_trend, nu, prior)
-    return {"log_dispersion": mean, "log_dispersion_sd": sd, "nodes": nodes,
+    prior = fit_prior(ev, log_trend, ev.dof.astype(np.float64))
+    mean, sd, nodes, node_weights = posterior(ev, log_trend, nu, prior)
+    return {"log_dispersion": mean, "log_dispersion_sd": sd, "nodes": nodes, "node_weights": node_weights,
             "log_dispersion_trend": log_trend + prior.shift, "mean": ev.mean, "prior": prior,
             "trend": trend}

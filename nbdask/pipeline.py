@@ -31,6 +31,10 @@ def _check_option(name: str, value, allowed) -> None:
         raise OptionError(f"{name}={value!r} is not available; choose one of {list(allowed)}")
 
 
+#: Per-feature inputs with a node axis: the posterior's nodes (as offsets) and weights.
+_POSTERIOR = ("dispersion_offsets", "dispersion_weights")
+
+
 def _block(counts, size_factor, control_counts, control_size_factor, perturbation, feature,
            *per_feature, method, engine, names, check, options, per_feature_names, conditional):
     """Run the method's kernel on one block as apply_ufunc hands it over (singleton axes)."""
@@ -41,9 +45,9 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     spec = KERNELS[method]
     # Only some fused kernels implement the pooled dispersion modes.
     kernel = spec.select("array" if per_feature and not spec.fused_pooled else engine, is_host(xp))
-    options = {**options, **{n: v.reshape(g_b, -1) if n == "dispersion_offsets" else v.reshape(g_b)
+    options = {**options, **{n: v.reshape(g_b, -1) if n in _POSTERIOR else v.reshape(g_b)
                              for n, v in zip(per_feature_names, per_feature)}}
-    offsets = options.pop("dispersion_offsets", None)
+    offsets, weights = (options.pop(n, None) for n in _POSTERIOR)
     if check:
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
@@ -54,7 +58,7 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
                                   test=conditional, engine=engine)
     if offsets is not None:
         out = integrated_outputs(out, counts, size_factor, control_counts, control_size_factor,
-                                 offsets, test=conditional or "wald", engine=engine)
+                                 offsets, weights, test=conditional or "wald", engine=engine)
     return tuple(out[name] for name in names)
 
 
@@ -164,9 +168,11 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         values = {"feature_dispersion": xr.DataArray(np.exp(log_phi), dims=FEATURE),
                   "dispersion_spread": xr.DataArray(pooled["feature_dispersion_spread"].values, dims=FEATURE)}
         if "feature_dispersion_nodes" in pooled and test != "lrt":  # the LRT refits: no averaging
-            per_feature_names.append("dispersion_offsets")
+            per_feature_names += ["dispersion_offsets", "dispersion_weights"]
             nodes = pooled["feature_dispersion_nodes"].values.astype(np.float64)
             values["dispersion_offsets"] = xr.DataArray(nodes - log_phi[:, None], dims=(FEATURE, NODE))
+            values["dispersion_weights"] = xr.DataArray(pooled["feature_dispersion_weights"].values,
+                                                        dims=(FEATURE, NODE))
         chunks = dict(zip(counts.dims, counts.chunks)) if counts.chunks is not None else None
         for name in per_feature_names:
             arr = values[name]

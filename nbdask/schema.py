@@ -107,8 +107,10 @@ OUTPUTS = _declare(
              "Mean normalised count of the feature over every sample (counts at the geometric "
              "mean size factor).", "float64"),
     Variable("feature_dispersion_nodes", (FEATURE, NODE), "f",
-             "Equal-probability quantiles of the feature's posterior of log dispersion; the "
-             "p-values average over them.", "float32"),
+             "Nodes of the feature's posterior of log dispersion (cell means over its support); "
+             "the p-values average over them.", "float32"),
+    Variable("feature_dispersion_weights", (FEATURE, NODE), "f",
+             "Posterior mass of each node of feature_dispersion_nodes (they sum to 1).", "float64"),
     Variable("feature_dispersion_spread", (FEATURE,), "f",
              "Between-perturbation variance tau^2 of the feature's dispersion (moment estimate).",
              "float64"),

@@ -139,3 +139,48 @@ def screen_cube(rng: np.random.Generator, *, perturbations: int, features: int, 
                    dispersion=np.exp(rng.uniform(*np.log(dispersion_range), features)),
                    log_fold_change=lfc, size_factor=sf,
                    control_size_factor=size_factors(rng, control_replicates))
+
+
+#: ``trended_cube``: the dispersion follows DESeq2's parametric trend a0 + a1 / mean (values
+#: typical of cell-line RNA-seq) with log-normal gene-to-gene scatter around it (DESeq2's prior
+#: model); mean counts are log-normal around 20 with log-SD 2.5 (the spread of the airway
+#: experiment's means in tests/fixtures/realdata); sequencing depths are log-normal with log-SD
+#: 0.3, and the size factors the methods see are DESeq2's median of ratios estimated from the
+#: simulated counts, not the depths they were drawn with.
+TREND = (0.03, 0.8)
+TREND_SCATTER = 0.8
+MEAN_MEDIAN, MEAN_LOG_SD, MEAN_RANGE = 20.0, 2.5, (0.05, 1e5)
+DEPTH_LOG_SD = 0.3
+
+
+def trended_cube(rng: np.random.Generator, *, perturbations: int, features: int, replicates: int,
+                 control_replicates: int, trend: tuple[float, float] = TREND,
+                 scatter: float = TREND_SCATTER, effect_fraction: float = 0.0) -> xr.Dataset:
+    """A cube whose features scatter around a mean-dispersion trend, with estimated size factors.
+
+    A generator that does not share nbdask's assumptions: each feature has its own dispersion
+    (not one pooled value a trend-free estimator could recover from the screen alone), and the
+    size factors are estimated from the counts as a user's would be. ``effect_fraction`` of the
+    comparisons get |log fold change| ~ U(0.5, 2.5) with a random sign.
+    """
+    import dask.array as da
+
+    from ..importers.size_factors import compute as estimate_size_factors
+    from ..simulate import EFFECT_RANGE
+
+    rate = np.clip(np.exp(rng.normal(math.log(MEAN_MEDIAN), MEAN_LOG_SD, features)), *MEAN_RANGE)
+    phi = (trend[0] + trend[1] / rate) * np.exp(scatter * rng.standard_normal(features))
+    shape = (perturbations, features)
+    effect = rng.random(shape) < effect_fraction
+    lfc = np.where(effect, rng.uniform(*EFFECT_RANGE, shape) * rng.choice([-1.0, 1.0], shape), 0.0)
+    depth = np.exp(rng.normal(0.0, DEPTH_LOG_SD, (perturbations, replicates)))
+    control_depth = np.exp(rng.normal(0.0, DEPTH_LOG_SD, control_replicates))
+    cube = nb_cube(rng, rate=rate, dispersion=np.clip(phi, 1e-4, 50.0), log_fold_change=lfc,
+                   size_factor=depth, control_size_factor=control_depth)
+    counts, control = da.from_array(cube["counts"].values), da.from_array(cube["control_counts"].values)
+    present = np.ones((perturbations, replicates), dtype=bool)
+    everywhere = (cube["counts"].values > 0).all(axis=(0, 2)) & (cube["control_counts"].values > 0).all(axis=1)
+    method = "ratio" if everywhere.sum() >= 50 else "poscounts"
+    sf, csf = estimate_size_factors(counts, control, present, method, scheduler="sync")
+    return cube.assign(size_factor=(cube["size_factor"].dims, sf),
+                       control_size_factor=(cube["control_size_factor"].dims, csf))

@@ -4,7 +4,7 @@ A test at a plug-in dispersion treats phi as known. Where a feature's evidence o
 perturbation, 2 vs 2 samples) its posterior is wide, and a p-value at its centre is too small
 for features whose true phi lies above it. Averaging the p-value over the posterior,
 
-    p = mean_j p(phi_j),   phi_j = the posterior's equal-probability quantile nodes,
+    p = sum_j w_j p(phi_j),   (phi_j, w_j) the posterior's nodes and their masses,
 
 is the posterior predictive probability of a statistic at least as extreme, so the dispersion's
 remaining uncertainty reaches the p-value (the role the t and F references with d0 + d degrees of
@@ -22,20 +22,22 @@ from .wald import wald_test, weight_sum
 SHARP = 1e-6
 
 
-def integrated_outputs(out, counts, size_factor, control_counts, control_size_factor, offsets, *,
-                       test, engine="auto"):
+def integrated_outputs(out, counts, size_factor, control_counts, control_size_factor, offsets,
+                       weights, *, test, engine="auto"):
     """Replace ``p_value`` and ``statistic`` of a kernel's outputs by their posterior average.
 
     ``offsets`` [G_b, K] are the feature's posterior nodes of log phi minus the dispersion the
     kernel used (its ``log_dispersion`` [P_b, G_b] is the centre, so a ``"shrunk"`` comparison
-    keeps its own centre). At each node the Wald test of design §6 (expected information at the
-    kernel's mu and beta) runs, replaced by the conditional exact test where ``test`` ("exact"
-    or "auto") applies it; ``p_value`` becomes the mean over the nodes and ``statistic`` the
-    signed normal quantile with that p. Untestable comparisons stay NaN.
+    keeps its own centre), ``weights`` [G_b, K] their masses. At each node the Wald test of
+    design §6 (expected information at the kernel's mu and beta) runs, replaced by the
+    conditional exact test where ``test`` ("exact" or "auto") applies it; ``p_value`` becomes
+    the weighted mean over the nodes and ``statistic`` the signed normal quantile with that p.
+    Untestable comparisons stay NaN.
     """
     xp, special = namespaces(counts)
     offsets = xp.asarray(offsets, dtype=xp.float64)
-    if not host_scalar(xp.max(xp.abs(offsets))) > SHARP:
+    weights = xp.asarray(weights, dtype=xp.float64)
+    if not host_scalar(xp.max(xp.abs(offsets) * xp.astype(weights > 0, xp.float64))) > SHARP:
         return out
     f64 = xp.float64
     centre = xp.astype(out["log_dispersion"], f64)
@@ -59,8 +61,8 @@ def integrated_outputs(out, counts, size_factor, control_counts, control_size_fa
             node = {"p_value": p, "statistic": xp.astype(z, xp.float32), "log_dispersion": log_phi}
             p = conditional_outputs(node, counts, size_factor, control_counts, control_size_factor,
                                     test=conditional, engine=engine)["p_value"]
-        total = total + xp.where(testable, p, 0.0)
-    p = xp.where(testable, total / k, xp.nan)
+        total = total + weights[:, j][None, :] * xp.where(testable, p, 0.0)
+    p = xp.where(testable, xp.minimum(total, 1.0), xp.nan)
     z = xp.sign(beta) * -special.ndtri(xp.where(testable, p, 1.0) / 2.0)
     return {**out, "p_value": p,
             "statistic": xp.where(testable, xp.astype(z, xp.float32), out["statistic"])}
