@@ -70,8 +70,8 @@ def qq(ov: Overview) -> bytes:
         ax.scatter(e, pts["observed"], s=9, color=UP, label="observed", zorder=3, linewidth=0)
         ax.set_xlim(0, lim)
         ax.legend(frameon=False, fontsize=9, loc="upper left")
-    ax.set_xlabel("expected $-\\log_{10}$ p", fontsize=10)
-    ax.set_ylabel("observed $-\\log_{10}$ p", fontsize=10)
+    ax.set_xlabel("expected −log₁₀ p", fontsize=10)
+    ax.set_ylabel("observed −log₁₀ p", fontsize=10)
     _style(ax)
     return png(fig)
 
@@ -99,8 +99,8 @@ def volcano(ov: Overview) -> bytes:
         ax.set_title(f"showing the {len(h['p_value']):,} smallest-p of {ov.n_hits:,} hits",
                      fontsize=9, color="#555555")
     ax.axvline(0, color=INK, linewidth=0.6)
-    ax.set_xlabel("$\\log_2$ fold change (treated / control)", fontsize=10)
-    ax.set_ylabel("$-\\log_{10}$ p", fontsize=10)
+    ax.set_xlabel("log₂ fold change (treated / control)", fontsize=10)
+    ax.set_ylabel("−log₁₀ p", fontsize=10)
     ax.legend(frameon=False, fontsize=8, loc="upper left", markerscale=2)
     _style(ax)
     return png(fig)

@@ -222,33 +222,60 @@ def report_fragment(results: xr.Dataset, *, ov: Overview, source: str | None = N
     return "\n".join(parts)
 
 
-def report_html(results: xr.Dataset, *, truth: xr.Dataset | None = None, q_max: float = 0.1,
-                source: str | None = None, client=None) -> str:
-    """The HTML report of ``results`` as one self-contained document (see module docstring).
+class Report:
+    """A rendered report: ``document`` (the self-contained page), ``fragment`` (its body with
+    scoped styles, which is what a notebook shows) and the ``overview`` it was drawn from."""
+
+    def __init__(self, document: str, fragment: str, overview: Overview, path: Path | None = None):
+        self.document, self.fragment, self.overview, self.path = document, fragment, overview, path
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the document to ``path`` (whole, or not at all: via ``<path>.partial``)."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(self.document, encoding="utf-8")
+        os.replace(partial, path)
+        self.path = path
+        return path
+
+    def _repr_html_(self) -> str:
+        return self.fragment
+
+    def __repr__(self) -> str:
+        where = f" at {self.path}" if self.path else ""
+        return (f"<nbdask Report{where}: {self.overview.n_tested:,} tested, "
+                f"{self.overview.n_hits:,} hits at q <= {self.overview.q_max:g}>")
+
+
+def render(results: xr.Dataset, *, truth: xr.Dataset | None = None, q_max: float = 0.1,
+           source: str | None = None, client=None) -> Report:
+    """Render the report of ``results`` (see the module docstring) as a ``Report``.
 
     ``truth``: the simulated cube the results came from (adds FDP, power and errors).
     ``q_max``: hits are comparisons with q_value <= q_max. ``source``: a name for the header.
-    Needs matplotlib (``pip install 'nbdask[report]'``).
+    One pass over the result's blocks on ``client`` (default: the active client, else dask's
+    threads). Needs matplotlib (``pip install 'nbdask[report]'``).
     """
     _check_matplotlib()
     if not 0 < float(q_max) <= 1:
         raise OptionError(f"q_max={q_max}: must lie in (0, 1], e.g. 0.1")
     ov = overview(results, q_max=q_max, truth=truth, client=client)
+    fragment = report_fragment(results, ov=ov, source=source)
     title = html.escape(f"nbdask report · {source or 'results'}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{title}</title></head><body style=\"margin:0;background:#fff\">\n"
-            f"{report_fragment(results, ov=ov, source=source)}\n{SCRIPT}\n</body></html>\n")
+    document = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f"<title>{title}</title></head><body style=\"margin:0;background:#fff\">\n"
+                f"{fragment}\n{SCRIPT}\n</body></html>\n")
+    return Report(document, fragment, ov)
 
 
-def write_report(results: xr.Dataset, path: str | os.PathLike, **kwargs) -> Path:
-    """Write ``report_html(results, **kwargs)`` to ``path`` (whole, or not at all)."""
-    path = Path(path)
-    text = report_html(results, **kwargs)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+def report_html(results: xr.Dataset, *, path: str | os.PathLike | None = None, **kwargs) -> str:
+    """The report (``render``'s options) as one self-contained HTML document; written to
+    ``path`` when given."""
+    report = render(results, **kwargs)
+    if path is not None:
+        report.save(path)
+    return report.document
 
 
 def _check_matplotlib() -> None:
