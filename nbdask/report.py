@@ -42,7 +42,8 @@ CSS = """
 .nbdask-report th, .nbdask-report td { padding: 3px 10px; border-bottom: 1px solid #eaeef2; text-align: left; }
 .nbdask-report th { background: #f6f8fa; font-weight: 600; }
 .nbdask-report td.num { text-align: right; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
-.nbdask-report table.kv td:first-child { color: #59636e; }
+.nbdask-report table.kv { width: auto; min-width: 55%; }
+.nbdask-report table.kv td:first-child { color: #59636e; padding-right: 28px; }
 .nbdask-report .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 18px; align-items: start; }
 .nbdask-report figure { margin: 0; }
 .nbdask-report figcaption { color: #59636e; font-size: 12.5px; margin-top: 4px; }
