@@ -74,14 +74,15 @@ def card(ds: xr.Dataset, *, n_hits: int = 5) -> str:
     a = ds.attrs
     rows = [_row(k, a[k]) for k in ("method", "test", "dispersion", "fdr", "fdr_scope") if k in a]
     lazy = ds["p_value"].chunks is not None
-    if "n_tests" in a:
-        n = int(a.get("n_comparisons", ds["p_value"].size))
-        rows += [_row("comparisons", f"{n:,}"), _row("tested", f"{int(a['n_tests']):,}"),
-                 _row("untestable", f"{n - int(a['n_tests']):,}")]
+    counts = _counts(ds, lazy)
+    if counts:
+        n = counts["n_comparisons"]
+        rows += [_row("comparisons", f"{n:,}"), _row("tested", f"{counts['n_tests']:,}"),
+                 _row("untestable", f"{n - counts['n_tests']:,}")]
         for key, label in (("n_significant_q05", "q < 0.05"), ("n_significant_q10", "q < 0.1")):
-            if key in a:
-                rows.append(_row(label, f"{int(a[key]):,}"))
-    elif lazy:
+            if key in counts:
+                rows.append(_row(label, f"{counts[key]:,}"))
+    else:
         rows.append(_row("status", "lazy, not computed: nbdask.save_results or .compute()"))
     if "nbdask_status" in a:
         rows.append(_row("store", a["nbdask_status"]))
@@ -92,6 +93,23 @@ def card(ds: xr.Dataset, *, n_hits: int = 5) -> str:
             ".nb.report('report.html') → HTML report</span>")
     return (f"{box}<b>nbdask results</b> · {sizes}<table style='margin:6px 0'>{''.join(rows)}"
             f"</table>{top}{hint}</div>")
+
+
+def _counts(ds: xr.Dataset, lazy: bool) -> dict:
+    """Counts from the attributes save_results wrote, or from values already in memory."""
+    a = ds.attrs
+    n = int(a.get("n_comparisons", ds["p_value"].size))
+    if "n_tests" in a:
+        out = {"n_comparisons": n, "n_tests": int(a["n_tests"])}
+        out.update({k: int(a[k]) for k in ("n_significant_q05", "n_significant_q10") if k in a})
+        return out
+    if lazy:
+        return {}
+    out = {"n_comparisons": n, "n_tests": int(np.isfinite(ds["p_value"].values).sum())}
+    if "q_value" in ds:
+        q = ds["q_value"].values
+        out.update(n_significant_q05=int((q < 0.05).sum()), n_significant_q10=int((q < 0.1).sum()))
+    return out
 
 
 def _top_hits(ds: xr.Dataset, n: int) -> str:
