@@ -1,0 +1,67 @@
+"""The GPU path: the same kernels on CuPy arrays, checked against the CPU.
+
+    pip install 'nbdask[gpu]'            # the cupy-cudaXXx wheel that matches the driver
+    python examples/gpu.py
+
+Without CuPy or a CUDA device it prints why and exits 0 (skipped), so it is safe to run
+anywhere. With one, it moves a simulated cube's blocks to the device, tests them there (the
+array-API kernels; Zarr decoding stays on the host), brings the results back and compares them
+with the CPU run. For a whole cluster of GPUs, see deploy/gpu/cuda_cluster.py (dask-cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+import nbdask
+
+
+def gpu_or_reason() -> str | None:
+    """None when CuPy sees a CUDA device, else why not."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'nbdask[gpu]')"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except Exception as err:  # no driver, no device: CuPy raises its runtime error
+        return f"no usable CUDA device ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--perturbations", type=int, default=256)
+    parser.add_argument("--features", type=int, default=256)
+    args = parser.parse_args(argv)
+    reason = gpu_or_reason()
+    if reason:
+        print(f"gpu.py: skipped: {reason}")
+        return 0
+    import cupy
+    import dask
+
+    cube = nbdask.simulate(perturbations=args.perturbations, features=args.features, seed=4,
+                           chunks=max(8, args.perturbations // 4))
+    on_gpu = cube.copy()
+    for name in ("counts", "size_factor", "control_counts", "control_size_factor"):
+        data = cube[name].data
+        on_gpu[name] = cube[name].copy(data=data.map_blocks(
+            cupy.asarray, meta=cupy.empty((0,) * data.ndim, data.dtype)))
+    res = nbdask.test(on_gpu)
+    with dask.config.set(scheduler="threads"):
+        gpu = res.map(lambda v: v.copy(data=cupy.asnumpy(v.data.compute() if hasattr(v.data, "compute")
+                                                          else v.data)))
+    cpu = nbdask.test(cube.load(), engine="array")
+    diff = np.nanmax(np.abs(np.log(gpu["p_value"].values) - np.log(cpu["p_value"].values)))
+    print(f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}: "
+          f"{gpu['p_value'].size:,} comparisons; max |log p(GPU) - log p(CPU)| = {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
