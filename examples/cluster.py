@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                     client.wait_for_workers(args.workers, timeout=120)
                 print(f"scheduler {address}: {len(client.scheduler_info()['workers'])} workers")
                 cube = nbdask.simulate(perturbations=args.perturbations, features=args.features,
-                                       seed=3, chunks=max(8, args.perturbations // 4))
+                                       seed=3, chunks=min(512, max(16, args.perturbations // 2)))
                 nbdask.save_cube(cube, out / "cube.zarr", overwrite=True)
                 results = nbdask.save_results(nbdask.test(nbdask.open_cube(out / "cube.zarr")),
                                               out / "results.zarr", overwrite=True, client=client)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import dask
 
     cube = nbdask.simulate(perturbations=args.perturbations, features=args.features, seed=4,
-                           chunks=max(8, args.perturbations // 4))
+                           chunks=min(512, max(16, args.perturbations // 2)))
     on_gpu = cube.copy()
     for name in ("counts", "size_factor", "control_counts", "control_size_factor"):
         data = cube[name].data

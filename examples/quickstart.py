@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. A simulated screen (5% true effects) as a sharded Zarr v3 cube; real data: `nbdask import`.
-    shard = max(8, min(512, args.perturbations // 4, args.features // 4))
+    shard = min(512, max(16, args.perturbations // 2))
     cube = nbdask.simulate(perturbations=args.perturbations, features=args.features,
                            effect_fraction=0.05, seed=1, chunks=shard)
     nbdask.save_cube(cube, out / "cube.zarr", overwrite=True)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     base = f"s3://{args.bucket}/{args.prefix}"
 
     cube = nbdask.simulate(perturbations=args.perturbations, features=args.features, seed=2,
-                           chunks=max(8, min(512, args.perturbations // 4)))
+                           chunks=min(512, max(16, args.perturbations // 2)))
     nbdask.save_cube(cube, f"{base}/cube.zarr", overwrite=True, storage_options=options)
 
     from distributed import Client
