@@ -34,6 +34,11 @@ def _call(*blocks, fn, names, kwargs, block_info=None):
     return out
 
 
+def in_memory(arrays: Mapping[str, xr.DataArray]) -> bool:
+    """Whether every array is already in memory (then shipping it to a cluster gains nothing)."""
+    return all(a.chunks is None for a in arrays.values())
+
+
 def block_tasks(arrays: Mapping[str, xr.DataArray], fn: Callable, **kwargs) -> list:
     """One delayed task per block of the aligned (perturbation, feature) ``arrays``, in store
     order (perturbation blocks outer): ``fn({name: block}, (row0, col0), **kwargs)``.
@@ -73,15 +78,20 @@ def _threads(client) -> int:
     return max(1, worker_threads(client))
 
 
-def stream(tasks: list, *, client=None) -> Iterator:
-    """Yield the tasks' outputs in order, keeping about 2 per worker thread in flight.
-
-    Runs on ``client``, else the active ``distributed.Client``, else dask's threads in this
-    process. Memory on the client stays at a window of outputs, whatever the number of tasks.
-    """
+def _client(client, local: bool):
     from .cluster import active_client
 
-    client = client or active_client()
+    return None if local else (client or active_client())
+
+
+def stream(tasks: list, *, client=None, local: bool = False) -> Iterator:
+    """Yield the tasks' outputs in order, keeping about 2 per worker thread in flight.
+
+    Runs on ``client``, else the active ``distributed.Client``, else (and with ``local``: for
+    arrays already in this process's memory) dask's threads here. Memory on the client stays at
+    a window of outputs, whatever the number of tasks.
+    """
+    client = _client(client, local)
     window = WINDOW_PER_THREAD * _threads(client)
     if client is None:
         import dask
@@ -118,11 +128,9 @@ def tree_reduce(tasks: list, merge: Callable, *, split_every: int = 8, **kwargs)
     return level[0]
 
 
-def compute(task, *, client=None):
-    """Compute one delayed value on ``client``, the active client, or dask's threads."""
-    from .cluster import active_client
-
-    client = client or active_client()
+def compute(task, *, client=None, local: bool = False):
+    """Compute one delayed value on ``client``, the active client, or (``local``) dask's threads."""
+    client = _client(client, local)
     if client is None:
         import dask
 

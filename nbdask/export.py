@@ -119,11 +119,11 @@ def _labels(results: xr.Dataset, dim: str) -> np.ndarray:
 
 def _parts(results, *, q_max, perturbations, features, client) -> Iterator:
     """(labelled DataFrame, its row/column positions) per block, in store order."""
-    from .blocks import block_tasks, stream
+    from .blocks import block_tasks, in_memory, stream
 
     arrays, p_labels, f_labels = _prepare(results, q_max, perturbations, features)
     tasks = block_tasks(arrays, _block_rows, q_max=None if q_max is None else float(q_max))
-    for part in stream(tasks, client=client):
+    for part in stream(tasks, client=client, local=in_memory(arrays)):
         yield _columns(part, p_labels, f_labels), part["_row"], part["_col"]
 
 

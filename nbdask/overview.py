@@ -219,7 +219,7 @@ def overview(results: xr.Dataset, *, q_max: float = 0.1, truth: xr.Dataset | Non
     merged summary whose size depends on ``top``, ``max_hits``, ``sample`` and the number of
     perturbations and features, not on the number of comparisons.
     """
-    from .blocks import block_tasks, compute, tree_reduce
+    from .blocks import block_tasks, compute, in_memory, tree_reduce
 
     missing = [n for n in ("p_value", "log_fold_change", "log_base_mean") if n not in results]
     if missing:
@@ -232,7 +232,8 @@ def overview(results: xr.Dataset, *, q_max: float = 0.1, truth: xr.Dataset | Non
     sizes = {"n_perturbations": results.sizes[PERTURBATION], "n_features": results.sizes[FEATURE]}
     bounds = {"top": top, "max_hits": max_hits, "sample": sample}
     tasks = block_tasks(arrays, _summarise_block, q_max=float(q_max), seed=seed, **bounds)
-    merged = compute(tree_reduce(tasks, _merge, **sizes, **bounds), client=client)
+    merged = compute(tree_reduce(tasks, _merge, **sizes, **bounds), client=client,
+                     local=in_memory(arrays))
     _, hits_p, up_p, tested_p = merged["per_perturbation"]
     _, hits_f, up_f = merged["per_feature"]
     labels = [np.asarray(results[d].values).astype(str) if d in results.coords
