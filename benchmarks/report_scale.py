@@ -12,7 +12,6 @@ client's peak stays flat as the result grows.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,10 +20,11 @@ from pathlib import Path
 
 
 def run(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and the child's peak RSS in MiB (a fresh child: ru_maxrss of it alone)."""
-    code = ("import resource, sys; from nbdask.cli import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
+    """Wall seconds and the child's peak RSS in MiB: VmHWM of its own address space (ru_maxrss
+    would carry the parent's peak across fork and exec)."""
+    code = ("import sys; from nbdask.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print('MAXRSS', hwm, file=sys.stderr); sys.exit(rc)")
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     wall = time.perf_counter() - start
