@@ -24,6 +24,7 @@ import zarr
 
 import nbdask
 from nbdask.cluster import local_cluster
+from nbdask.gpu import cube_to_device, results_to_host
 from nbdask.io import RESULTS_CODEC, _inner
 from nbdask.schema import OUTPUTS
 
@@ -51,7 +52,7 @@ def raw_write(path: str, shape, shard: int, names) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--perturbations", type=int, default=5000)
     ap.add_argument("--features", type=int, default=5000)
@@ -65,7 +66,9 @@ def main() -> None:
     ap.add_argument("--dispersion", default="comparison")
     ap.add_argument("--test", default="auto", choices=["auto", "exact", "wald"])
     ap.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"])
-    args = ap.parse_args()
+    ap.add_argument("--cupy", action="store_true",
+                    help="move blocks to the GPU: the array-API kernels on CuPy (benchmarks/gpu.py)")
+    args = ap.parse_args(argv)
     from distributed import Client
     from distributed.diagnostics import MemorySampler
 
@@ -101,16 +104,20 @@ def main() -> None:
             sampler = MemorySampler()
             with sampler.sample("pipeline", measure="process"):
                 start = time.perf_counter()
-                res = nbdask.test(nbdask.open_cube(str(cube_path)), method=args.method,
+                cube = nbdask.open_cube(str(cube_path))
+                res = nbdask.test(cube_to_device(cube) if args.cupy else cube, method=args.method,
                                   dispersion=args.dispersion, test=args.test,
                                   fdr_backend=args.fdr_backend)
+                if args.cupy:
+                    res = results_to_host(res)
                 saved = nbdask.save_results(res, f"{out}/results.zarr", client=client)
                 t["pipeline"] = time.perf_counter() - start
             peak = max(v for _, v in sampler.samples["pipeline"])
             limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
         attrs = saved.attrs
         est = attrs.get("wall_seconds_estimates", float("nan"))
-        print(f"nbdask screen-scale benchmark ({machine()}, {args.workers} workers x "
+        print(f"nbdask screen-scale benchmark ({machine()}{', CuPy blocks' if args.cupy else ''}, "
+              f"{args.workers} workers x "
               f"{args.threads_per_worker} threads x "
               f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion}, test {args.test})")
         print(f"cube {args.perturbations} x {args.features} = {n:,} comparisons, "

@@ -17,20 +17,7 @@ import sys
 import numpy as np
 
 import nbdask
-
-
-def gpu_or_reason() -> str | None:
-    """None when CuPy sees a CUDA device, else why not."""
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy is not installed (pip install 'nbdask[gpu]')"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return "CuPy sees no CUDA device"
-    except Exception as err:  # no driver, no device: CuPy raises its runtime error
-        return f"no usable CUDA device ({type(err).__name__}: {str(err)[:120]})"
-    return None
+from nbdask.gpu import cube_to_device, cuda_available, results_to_host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perturbations", type=int, default=256)
     parser.add_argument("--features", type=int, default=256)
     args = parser.parse_args(argv)
-    reason = gpu_or_reason()
+    reason = cuda_available()
     if reason:
         print(f"gpu.py: skipped: {reason}")
         return 0
@@ -47,15 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cube = nbdask.simulate(perturbations=args.perturbations, features=args.features, seed=4,
                            chunks=min(512, max(16, args.perturbations // 2)))
-    on_gpu = cube.copy()
-    for name in ("counts", "size_factor", "control_counts", "control_size_factor"):
-        data = cube[name].data
-        on_gpu[name] = cube[name].copy(data=data.map_blocks(
-            cupy.asarray, meta=cupy.empty((0,) * data.ndim, data.dtype)))
-    res = nbdask.test(on_gpu)
+    res = nbdask.test(cube_to_device(cube))  # array-API kernels on CuPy blocks
     with dask.config.set(scheduler="threads"):
-        gpu = res.map(lambda v: v.copy(data=cupy.asnumpy(v.data.compute() if hasattr(v.data, "compute")
-                                                          else v.data)))
+        gpu = results_to_host(res).compute()
     cpu = nbdask.test(cube.load(), engine="array")
     diff = np.nanmax(np.abs(np.log(gpu["p_value"].values) - np.log(cpu["p_value"].values)))
     print(f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}: "

@@ -12,6 +12,8 @@ Where xarray is installed, importing nbdask registers the ``.nb`` Dataset access
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,21 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing ``nbdask.simulate`` (the module) would make the import system set it as the
+    package attribute ``simulate``, shadowing the public function of the same name; this keeps
+    the function. The module stays reachable as ``from nbdask.simulate import ...`` and through
+    ``sys.modules`` (``import nbdask.simulate as m`` binds the function)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def _register_accessor() -> None:

@@ -1,4 +1,4 @@
-"""``nbdask`` command line: simulate | info | test | report | export | train."""
+"""``nbdask`` command line: simulate | info | test | report | export | train | bench | calibrate."""
 
 from __future__ import annotations
 
@@ -130,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="dask chunk sizes (multiples of the cube's shards)")
     tst.add_argument("--overwrite", action="store_true", help="replace an existing results store")
     tst.add_argument("--resume", action="store_true",
-                     help="finish an interrupted run: compute only the blocks its store lacks")
+                     help="finish an interrupted run (only the blocks its store lacks; its pooled "
+                          "dispersion is reused), start one if there is no store, do nothing if it "
+                          "is complete: safe in a retry loop")
     tst.add_argument("--no-progress", action="store_true")
     tst.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
@@ -164,7 +166,132 @@ def _parser() -> argparse.ArgumentParser:
     from .train.cli import add_arguments
 
     add_arguments(trn)
+    _bench_parsers(sub)
     return parser
+
+
+def _bench_parsers(sub) -> None:
+    from .bench import STUDIES
+
+    raw = argparse.RawDescriptionHelpFormatter
+    ben = sub.add_parser(
+        "bench", formatter_class=raw,
+        help="the paper's study: accuracy, calibration, power and speed of every estimator",
+        description="Simulate from one documented generator and compare mom, irls (ML and Cox-Reid), "
+                    "the transformer and statsmodels' NegativeBinomial, each with the paper's "
+                    "per-comparison dispersion and Wald test, and nbdask's defaults beside them. "
+                    "Writes CSV tables, PNG figures and summary.md into --out.",
+        epilog="example:\n  nbdask bench all --out bench-out --n-tests 1000 --workers 2")
+    ben.add_argument("study", choices=[*STUDIES, "all"])
+    ben.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    ben.add_argument("--n-tests", type=int, default=1000,
+                     help="comparisons per design (per design and beta for power; default 1000)")
+    ben.add_argument("--seed", type=int, default=0)
+    ben.add_argument("--workers", type=int, default=2,
+                     help="LocalCluster worker processes for the statsmodels fits and the pipeline "
+                          "timings (0: everything in this process)")
+    ben.add_argument("--no-progress", action="store_true")
+
+    cal = sub.add_parser(
+        "calibrate", formatter_class=raw,
+        help="simulate a cube's own design and check every method/option on it",
+        description="Fit the design of CUBE (feature means, pooled dispersions and their trend, size "
+                    "factors, present replicates), simulate null and alternative cubes like it, run every "
+                    "method/option combination through the pipeline, and report FPR per mean-count bin, "
+                    "FDP and power at q < 0.05 and 0.1, and a recommendation. Writes CSV tables, PNG "
+                    "figures and summary.md into --out.",
+        epilog="example:\n  nbdask calibrate screen.zarr --out calibration --workers 2")
+    cal.add_argument("cube")
+    cal.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--perturbations", type=int,
+                     help="perturbations to simulate (default: the cube's, at most 100)")
+    cal.add_argument("--features-per-bin", type=int,
+                     help="features per mean-count bin (default: enough for SE 0.005 on the FPR)")
+    cal.add_argument("--methods", nargs="+", metavar="METHOD",
+                     help="only these methods (default: every one nbdask offers)")
+    cal.add_argument("--tests", nargs="+", metavar="TEST",
+                     help="only these tests, e.g. auto wald (default: every one)")
+    where = cal.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
+    where.add_argument("--scheduler", help="address of a running dask scheduler")
+    cal.add_argument("--no-progress", action="store_true")
+    cal.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+
+def _progress(label: str, quiet: bool):
+    from .bench.progress import Progress, StderrBar
+
+    return Progress() if quiet else StderrBar(label)
+
+
+def _bench(args) -> int:
+    from .bench.methods import statsmodels_available
+    from .bench.plots import available
+    from .bench import STUDIES
+    from .bench.study import run_studies
+
+    if args.n_tests < 10:
+        raise NbdaskError(f"--n-tests {args.n_tests}: too few; use at least 10 comparisons per design "
+                          "(1000 for the paper's study)")
+    studies = STUDIES if args.study == "all" else (args.study,)
+    if not statsmodels_available():
+        print("nbdask bench: statsmodels is not installed: skipping its column "
+              "(pip install 'nbdask[bench]')", file=sys.stderr)
+    if not available():
+        print("nbdask bench: matplotlib is not installed: tables and summary only, no figures "
+              "(pip install 'nbdask[bench]')", file=sys.stderr)
+    bar = _progress(f"bench {args.study}", args.no_progress)
+    command = "nbdask " + " ".join(args.argv)
+    start = time.perf_counter()
+    try:
+        if args.workers:
+            from .cluster import compute_client
+
+            with compute_client(workers=args.workers) as client:
+                run_studies(studies, args.out, n_tests=args.n_tests, seed=args.seed, client=client,
+                            progress=bar, command=command)
+        else:
+            run_studies(studies, args.out, n_tests=args.n_tests, seed=args.seed, progress=bar,
+                        command=command)
+    finally:
+        bar.close()
+    print(f"nbdask bench {args.study}: {time.perf_counter() - start:.0f} s; tables, figures and "
+          f"summary.md in {args.out}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .bench.calibrate import calibrate, headline
+    from .bench.methods import all_combinations
+    from .cluster import compute_client
+    from .io import open_cube
+
+    so = _storage_options(args.storage_option)
+    settings = all_combinations()
+    for flag, chosen, key in (("--methods", args.methods, "method"), ("--tests", args.tests, "test")):
+        known = sorted({s.method if key == "method" else s.opts["test"] for s in settings})
+        unknown = [m for m in chosen or () if m not in known]
+        if unknown:
+            raise NbdaskError(f"{flag} {' '.join(unknown)}: not an nbdask {key}; choose from {known}")
+        if chosen:
+            settings = [s for s in settings if (s.method if key == "method" else s.opts["test"]) in chosen]
+    cube = open_cube(args.cube, storage_options=so)  # a bad cube fails before a cluster starts
+    bar = _progress("calibrate", args.no_progress)
+    try:
+        with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+            workers = len(client.scheduler_info().get("workers", {})) or 1
+            result = calibrate(cube, args.out, seed=args.seed, perturbations=args.perturbations,
+                               features_per_bin=args.features_per_bin, settings=settings,
+                               workers=workers, progress=bar)
+    finally:
+        bar.close()
+    for line in headline(result["recommendation"]):
+        print(line)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"tables, figures and summary.md in {args.out}")
+    return 0
 
 
 def _train(args) -> int:
@@ -215,24 +342,31 @@ def _info(args) -> int:
 
 def _test(args) -> int:
     from .cluster import compute_client
-    from .io import open_cube, save_results
+    from .io import RESUME_COMPLETE, open_cube, open_results, results_status, save_results, stored_pooling
     from .pipeline import test
     from .summary import summarize
 
     so = _storage_options(args.storage_option)
     start = time.perf_counter()
     chunks = dict(zip(("perturbation", "feature"), args.chunks)) if args.chunks else None
-    with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
-        cube = open_cube(args.cube, chunks=chunks, storage_options=so)
-        results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
-                       fdr_scope=args.fdr_scope, dispersion=args.dispersion,
-                       dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
-                       fdr_backend=args.fdr_backend, engine=args.engine,
-                       transformer_weights=args.transformer_weights)
-        saved = save_results(results, args.results, overwrite=args.overwrite, resume=args.resume,
-                             storage_options=so, client=client, progress=not args.no_progress)
+    if args.resume and results_status(args.results, storage_options=so) == "complete":
+        logging.getLogger("nbdask").warning(RESUME_COMPLETE, args.results)
+        saved = open_results(args.results, storage_options=so)
+        start = None  # nothing computed: no wall time or rate to report
+    else:
+        # A resumed run takes the pooled dispersion from its store instead of a pass over the cube.
+        pooled = stored_pooling(args.results, storage_options=so) if args.resume else None
+        with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+            cube = open_cube(args.cube, chunks=chunks, storage_options=so)
+            results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
+                           fdr_scope=args.fdr_scope, dispersion=args.dispersion,
+                           dispersion_fit=args.dispersion_fit, max_iter=args.max_iter, tol=args.tol,
+                           fdr_backend=args.fdr_backend, engine=args.engine,
+                           transformer_weights=args.transformer_weights, pooled=pooled)
+            saved = save_results(results, args.results, overwrite=args.overwrite,
+                                 resume=args.resume, storage_options=so, client=client,
+                                 progress=not args.no_progress)
     summary = summarize(saved)
-    wall = time.perf_counter() - start
     print()
     print(f"comparisons      {summary['n_comparisons']:>14,}")
     print(f"tested           {summary['n_tests']:>14,}")
@@ -240,8 +374,10 @@ def _test(args) -> int:
     if "n_significant_q05" in summary:
         print(f"q < 0.05         {summary['n_significant_q05']:>14,}")
         print(f"q < 0.10         {summary['n_significant_q10']:>14,}")
-    print(f"wall time        {wall:>14.1f} s")
-    print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
+    if start is not None:
+        wall = time.perf_counter() - start
+        print(f"wall time        {wall:>14.1f} s")
+        print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
     print(f"results          {args.results}")
     return 0
 
@@ -305,14 +441,15 @@ def _export(args) -> int:
 
 
 COMMANDS = {"simulate": _simulate, "info": _info, "test": _test, "report": _report,
-            "export": _export, "train": _train}
+            "export": _export, "train": _train, "bench": _bench, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
-    if args.command in ("test", "simulate", "info", "report", "export"):
+    if args.command in ("test", "simulate", "info", "report", "export", "bench", "calibrate"):
         importlib.import_module("distributed")  # its import sets its loggers' levels; ours go after
     for name in ("distributed", "nbdask"):
         logging.getLogger(name).setLevel(level)

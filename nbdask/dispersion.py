@@ -38,10 +38,11 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .kernels.backend import is_host, namespaces, to_host
-from .kernels.moments import block_moments, group_moments, poisson_term
-from .kernels.mom import MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
-from .schema import FEATURE, host_values
+from .kernels.backend import device, is_host, namespaces, to_host
+from .kernels.moments import GroupMoments, block_moments, group_moments, poisson_term
+from .kernels.mom import DISPERSION_CEILING, MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
+from .moderation import Evidence, fit_trend, moderate
+from .schema import FEATURE, NODE, host_values
 
 DISPERSIONS = ("comparison", "feature", "shrunk")
 #: Groups whose Pearson statistic exceeds this chi-square quantile are left out of the pool.
@@ -51,24 +52,70 @@ OUTLIER_ROUNDS = 2
 #: by this many scaled MADs are left out of every feature's pool.
 WILD_MADS = 5.0
 MIN_FEATURES = 20
+#: Screening needs this many perturbations: with fewer, a treated group left out of the pool is a
+#: large part of its own feature's evidence, and its comparison would be tested without it.
+MIN_SCREENED_PERTURBATIONS = 8
 _CHI2 = stats.chi2.ppf(OUTLIER_LEVEL, np.arange(1, 128))  # indexed by df - 1
 
-#: Rows of the per-block partial sums (axis 0 of ``feature_sums``).
+#: Rows of the per-block partial sums (axis 0 of ``feature_sums``); ``sum_rows`` adds one
+#: ``excess_<n>`` row per treated group size n = 2 ... R. The rows from ``poisson`` on are the
+#: evidence ``moderation`` borrows across features with (over the kept groups, but ``mean_rate``
+#: and ``samples`` over every group with a present replicate).
 SUMS = ("numerator", "denominator", "groups", "outliers", "phi", "phi_sq", "inv_df", "a_df",
-        "a_sq_df", "comparisons")
+        "a_sq_df", "comparisons", "poisson", "dof", "square", "mean_rate", "samples",
+        "var0", "var1", "var2", "var3")
+EVIDENCE_ROWS = SUMS[SUMS.index("poisson"):]
+DISPERSION_PRIORS = ("trend", "none")
+
+
+def sum_rows(replicates: int) -> tuple[str, ...]:
+    """Names of the rows ``feature_sums`` returns for a cube of ``replicates`` treated replicates."""
+    return SUMS + tuple(f"excess_{n}" for n in range(2, max(replicates, 1) + 1))
 
 
 def _pooled(xp, num, den):
-    return xp.maximum(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), MIN_DISPERSION),
-                      MIN_DISPERSION)
+    return xp.clip(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), MIN_DISPERSION),
+                   MIN_DISPERSION, DISPERSION_CEILING)
 
 
-def feature_sums(counts, size_factor, control_counts, control_size_factor):
-    """Partial per-feature sums of one block: array [len(SUMS), G_b] (float64)."""
+def evidence_rows(xp, m, keep, mean_size_factor, replicates):
+    """The EVIDENCE_ROWS and ``excess_<n>`` rows (n = 2 ... ``replicates``) of groups with
+    moments ``m`` ([..., G] rates; n, mean(1/l) and ``mean_size_factor`` broadcastable), summed
+    over the leading axis where ``keep`` ([..., G] bool): a list of [G] arrays.
+
+    With w = n - 1, a = q bar mean(1/l), b = q bar^2 and mean size factor l: ``poisson`` = w a,
+    ``square`` = w b, ``var0..3`` the coefficients of Var(w s2) = 2 w sigma^4 + w^2/n kappa
+    sigma^4 as a cubic in phi (sigma^2 = a + phi b, NB excess kurtosis kappa = 6 phi +
+    1 / (m (1 + phi m)), m = q bar l), ``excess_<n>`` = w (b - a / n)_+ for groups of n.
+    """
+    n = m.n + xp.zeros_like(m.rate_mean)
+    q = m.rate_mean
+    w = xp.maximum(n - 1.0, 0.0)
+    a = q * m.inv_size_factor
+    b = q * q
+    inv_l = 1.0 / (mean_size_factor + xp.zeros_like(q))
+    wn = w * w / xp.maximum(n, 1.0)
+
+    def kept(x):
+        return xp.sum(xp.where(keep, x, 0.0), axis=0)
+
+    seen = n > 0
+    return [kept(w * a), kept(w), kept(w * b),
+            xp.sum(xp.where(seen, n * q, 0.0), axis=0), xp.sum(xp.where(seen, n, 0.0), axis=0),
+            kept(2.0 * w * a * a + wn * q * inv_l * inv_l * inv_l),
+            kept(4.0 * w * a * b + wn * (6.0 * a * a + b * inv_l * inv_l)),
+            kept(2.0 * w * b * b + 12.0 * wn * a * b), kept(6.0 * wn * b * b)] + [
+        kept(xp.where(n == size, w * xp.maximum(b - a / size, 0.0), 0.0))
+        for size in range(2, replicates + 1)]
+
+
+def feature_sums(counts, size_factor, control_counts, control_size_factor, *, screen=True):
+    """Partial per-feature sums of one block: array [len(sum_rows(R)), G_b] (float64)."""
     xp, _ = namespaces(counts, size_factor, control_counts, control_size_factor)
     fused = _fused(xp)
     if fused is not None:
-        return _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor)
+        return _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor,
+                                   screen)
     f64 = xp.float64
     size_factor, control_size_factor, present, ctrl, trt = block_moments(
         xp, counts, size_factor, control_counts, control_size_factor)
@@ -93,7 +140,7 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
     n_t = trt.n  # [P_b, 1]
     valid = (n_t >= 2) & (trt.rate_mean > 0)
     keep = valid
-    for _ in range(OUTLIER_ROUNDS):
+    for _ in range(OUTLIER_ROUNDS if screen else 0):
         est = _pooled(xp, xp.sum(xp.where(keep, num_t, 0.0), axis=0) + num_c,
                       xp.sum(xp.where(keep, den_t, 0.0), axis=0) + den_c)
         keep = _screen(xp, pearson_statistics(est), n_t, valid)
@@ -120,6 +167,8 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor):
         total(phi), total(phi * phi), total(inv_df), total(a * inv_df), total(a * a * inv_df),
         xp.sum(xp.astype(comp, f64), axis=0),
     ]
+    mean_sf = trt.library / xp.maximum(trt.n, 1.0)
+    rows += evidence_rows(xp, trt, keep, mean_sf, counts.shape[-1])
     return xp.stack([xp.broadcast_to(r, rows[0].shape) for r in rows])
 
 
@@ -127,12 +176,12 @@ def _screen(xp, pearson, n_t, valid):
     """Groups kept in the pool: valid, Pearson statistic under the chi-square limit, and not in
     an over-dispersed perturbation ([P_b, G_b] bool)."""
     df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
-    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64), xp.reshape(df_index, (-1,))),
+    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64, device=device(n_t)), xp.reshape(df_index, (-1,))),
                        n_t.shape)
     return valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
 
 
-def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor):
+def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor, screen):
     """``feature_sums`` for NumPy blocks: the [P_b, G_b] work in numba loops (``kernels.fused``),
     the same sums without the array temporaries."""
     f64 = np.float64
@@ -151,17 +200,18 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     valid = (n_t >= 2)[:, None] & (rate_mean > 0)
     keep = valid
     num, den, pearson = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape)
-    for _ in range(OUTLIER_ROUNDS):
+    for _ in range(OUTLIER_ROUNDS if screen else 0):
         fused.kept_sums(num_t, den_t, keep, num, den)
         fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c), pearson)
         keep = _screen(np, pearson, n_t[:, None], valid)
     phi_c, w_c = _group_phi(np, ctrl)
     rate_c = np.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
     inv_l = np.sum(np.where(present, 1.0 / np.where(present, sf, 1.0), 0.0), axis=-1)
-    out = np.empty((len(SUMS), shape[1]))
+    out = np.empty((len(sum_rows(counts.shape[-1])), shape[1]))
     fused.pooling_rows(num_t, den_t, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
                        phi_c, np.broadcast_to(w_c, phi_c.shape).astype(f64), rate_c,
                        np.sum(1.0 / csf) / rate_c, float(csf.shape[0]), out)
+    fused.evidence_rows(rate_mean, keep, n_t, inv_t, library_t, out[len(SUMS) - len(EVIDENCE_ROWS):])
     return out
 
 
@@ -205,40 +255,86 @@ def _group_phi(xp, m):
     return xp.where(signal, phi, 0.0), xp.where(signal, xp.maximum(m.n - 1.0, 0.0), 0.0)
 
 
-def combine(sums, control_counts, control_size_factor) -> dict[str, np.ndarray]:
-    """Per-feature dispersion and between-perturbation variance from the summed partials."""
-    xp, _ = namespaces(sums)
-    s = dict(zip(SUMS, sums))
+def _control(xp, control_counts, control_size_factor):
+    """The control group's moments and its (numerator, denominator) terms [G]."""
     ctrl = group_moments(xp, control_counts, xp.astype(control_size_factor, xp.float64),
-                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+                         xp.ones_like(control_size_factor, dtype=xp.bool))
     w = xp.maximum(ctrl.n - 1.0, 0.0)
-    num = s["numerator"] + w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor)
-    den = s["denominator"] + w * (ctrl.rate_mean ** 2 - ctrl.rate_var / ctrl.n)
-    phi_f = _pooled(xp, num, den)
+    return (ctrl, w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor),
+            w * (ctrl.rate_mean ** 2 - ctrl.rate_var / ctrl.n))
+
+
+def spread(xp, sums, phi_f):
+    """tau^2: the between-perturbation variance of the comparisons' moment dispersions around
+    ``phi_f`` [G], their sampling variance taken out (floored at 0)."""
+    s = {name: sums[i, ...] for i, name in enumerate(SUMS)}
     cnt = xp.where(s["comparisons"] > 0, s["comparisons"], 1.0)
-    spread = s["phi_sq"] / cnt - 2.0 * phi_f * s["phi"] / cnt + phi_f * phi_f
+    around = s["phi_sq"] / cnt - 2.0 * phi_f * s["phi"] / cnt + phi_f * phi_f
     sampling = 2.0 * (phi_f * phi_f * s["inv_df"] + 2.0 * phi_f * s["a_df"] + s["a_sq_df"]) / cnt
-    tau2 = xp.maximum(spread - sampling, 0.0)
-    return {"feature_dispersion": phi_f, "dispersion_spread": tau2,
-            "outlier_groups": s["outliers"], "pooled_groups": s["groups"]}
+    return xp.maximum(around - sampling, 0.0)
 
 
-def _sums_block(counts, size_factor, control_counts, control_size_factor):
+def combine(sums, control_counts, control_size_factor) -> dict[str, np.ndarray]:
+    """Per-feature pooled dispersion (bounded; 0 where no group informs it) and between-
+    perturbation variance from the summed partials."""
+    xp, _ = namespaces(sums)
+    s = {name: sums[i, ...] for i, name in enumerate(SUMS)}
+    _, num_c, den_c = _control(xp, control_counts, control_size_factor)
+    num, den = s["numerator"] + num_c, s["denominator"] + den_c
+    phi_f = _pooled(xp, num, den)
+    return {"feature_dispersion": phi_f, "dispersion_spread": spread(xp, sums, phi_f),
+            "informed": den > 0, "outlier_groups": s["outliers"], "pooled_groups": s["groups"]}
+
+
+def evidence(sums, control_counts, control_size_factor, reference_size: float) -> Evidence:
+    """Each feature's evidence (``moderation.Evidence``) from the summed partials and the
+    control group (host arrays); ``reference_size`` turns mean rates into mean counts."""
+    s = {name: sums[i] for i, name in enumerate(SUMS)}
+    excess = sums[len(SUMS):]
+    ctrl, num_c, den_c = _control(np, control_counts, control_size_factor)
+    n_c = int(ctrl.n)
+    keep_c = ((n_c >= 2) & (ctrl.rate_mean > 0))[None, :]
+    moments = GroupMoments(ctrl.n, ctrl.library, ctrl.inv_size_factor, ctrl.rate_mean[None, :],
+                           ctrl.rate_var[None, :])
+    rows_c = evidence_rows(np, moments, keep_c, ctrl.library / max(n_c, 1), n_c)
+    c = dict(zip(EVIDENCE_ROWS, rows_c))
+    sizes = max(excess.shape[0], len(rows_c) - len(EVIDENCE_ROWS))
+    excess_all = np.zeros((sizes, sums.shape[1]))
+    excess_all[:excess.shape[0]] += excess
+    excess_all[:len(rows_c) - len(EVIDENCE_ROWS)] += np.asarray(rows_c[len(EVIDENCE_ROWS):])
+    total = {k: s[k] + c[k] for k in EVIDENCE_ROWS}
+    numerator, denominator = s["numerator"] + num_c, s["denominator"] + den_c
+    samples = total["samples"]
+    mean = np.where(samples > 0, total["mean_rate"] / np.where(samples > 0, samples, 1.0), 0.0)
+    return Evidence(variance=numerator + total["poisson"], poisson=total["poisson"],
+                    excess=excess_all, numerator=numerator, denominator=denominator,
+                    square=total["square"],
+                    moments4=np.stack([total[f"var{i}"] for i in range(4)]), dof=total["dof"],
+                    mean=mean * reference_size)
+
+
+def _sums_block(counts, size_factor, control_counts, control_size_factor, screen=True):
     p_b, g_b, r = counts.shape
     out = feature_sums(counts, size_factor.reshape(p_b, r), control_counts.reshape(g_b, -1),
-                       control_size_factor)
+                       control_size_factor, screen=screen)
     return out[None, ...]
 
 
-def feature_dispersion(cube: xr.Dataset) -> xr.Dataset:
+def feature_dispersion(cube: xr.Dataset, *, prior: str = "trend") -> xr.Dataset:
     """Run the pooling pass over a validated cube; returns per-feature variables (computed).
 
-    Variables (feature,): ``feature_log_dispersion`` (log phi_f), ``feature_dispersion_spread``
-    (tau^2), ``feature_outlier_groups`` (treated groups left out of the pool).
+    Variables (feature,): ``feature_log_dispersion`` (the dispersion the tests use: with
+    ``prior="trend"`` the posterior mean of log phi under the trend prior, see
+    ``nbdask.moderation``; with ``"none"`` the pooled log phi_f, the trend where no group
+    informs it), ``feature_log_dispersion_sd``, ``feature_log_dispersion_trend``,
+    ``feature_base_mean``, ``feature_dispersion_spread`` (tau^2), ``feature_outlier_groups``;
+    with ``"trend"`` also ``feature_dispersion_nodes`` (feature, dispersion_node).
     """
     counts = cube["counts"]
     side = [cube[v].drop_vars(list(cube[v].coords)) for v in
             ("size_factor", "control_counts", "control_size_factor")]
+    rows = sum_rows(counts.shape[-1])
+    screen = counts.shape[0] >= MIN_SCREENED_PERTURBATIONS
     if counts.chunks is not None:
         chunks = dict(zip(counts.dims, counts.chunks))
         side = [v.chunk({d: chunks.get(d, -1) for d in v.dims}) for v in side]
@@ -247,20 +343,39 @@ def feature_dispersion(cube: xr.Dataset) -> xr.Dataset:
         blocks = da.blockwise(
             _sums_block, "bkg",
             counts.data, "bgr", side[0].data, "br", side[1].data, "gc", side[2].data, "c",
-            new_axes={"k": len(SUMS)}, concatenate=True, dtype=np.float64,
-            adjust_chunks={"b": 1},
+            new_axes={"k": len(rows)}, concatenate=True, dtype=np.float64,
+            adjust_chunks={"b": 1}, screen=screen,
         )
         sums = to_host(blocks.sum(axis=0).compute())
     else:
-        sums = to_host(_sums_block(counts.data, *(v.data for v in side))[0])
-    out = combine(sums, host_values(cube["control_counts"]), host_values(cube["control_size_factor"]))
+        sums = to_host(_sums_block(counts.data, *(v.data for v in side), screen)[0])
+    control_counts = host_values(cube["control_counts"])
+    control_size_factor = host_values(cube["control_size_factor"]).astype(np.float64)
+    out = combine(sums, control_counts, control_size_factor)
+    sf = host_values(cube["size_factor"]).astype(np.float64)
+    sizes = np.concatenate([control_size_factor, sf[np.isfinite(sf)]])
+    ev = evidence(sums, control_counts, control_size_factor, float(np.exp(np.mean(np.log(sizes)))))
+    attrs = {"dispersion_prior": prior}
+    if prior == "trend":
+        fit = moderate(ev)
+        log_phi, log_sd, log_trend = fit["log_dispersion"], fit["log_dispersion_sd"], fit["log_dispersion_trend"]
+        tau2 = spread(np, sums, np.exp(log_phi))
+        attrs.update({"dispersion_prior_shift": fit["prior"].shift,
+                      "dispersion_prior_scale": fit["prior"].scale,
+                      "dispersion_prior_df": fit["prior"].df})
+    else:
+        log_trend = fit_trend(ev)(ev.mean)
+        log_phi = np.where(out["informed"], np.log(out["feature_dispersion"]), log_trend)
+        log_sd, tau2 = np.zeros_like(log_phi), spread(np, sums, np.exp(log_phi))
     coords = {FEATURE: cube[FEATURE]} if FEATURE in cube.coords else {}
-    return xr.Dataset(
-        {
-            "feature_log_dispersion": (FEATURE, np.log(out["feature_dispersion"]).astype(np.float32)),
-            "feature_dispersion_spread": (FEATURE, out["dispersion_spread"]),
-            "feature_outlier_groups": (FEATURE, out["outlier_groups"].astype(np.int64)),
-        },
-        coords=coords,
-    )
-
+    variables = {
+        "feature_log_dispersion": (FEATURE, log_phi.astype(np.float32)),
+        "feature_log_dispersion_sd": (FEATURE, log_sd.astype(np.float32)),
+        "feature_log_dispersion_trend": (FEATURE, log_trend.astype(np.float32)),
+        "feature_base_mean": (FEATURE, ev.mean),
+        "feature_dispersion_spread": (FEATURE, tau2),
+        "feature_outlier_groups": (FEATURE, out["outlier_groups"].astype(np.int64)),
+    }
+    if prior == "trend":
+        variables["feature_dispersion_nodes"] = ((FEATURE, NODE), fit["nodes"].astype(np.float32))
+    return xr.Dataset(variables, coords=coords, attrs=attrs)

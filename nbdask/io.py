@@ -278,16 +278,16 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
 
     The store says ``nbdask_status="incomplete"`` until every array and the summary attributes
     are written, and ``"complete"`` only then; an error leaves it ``"failed"``. ``resume=True``
-    continues an interrupted or failed store written with the same options and chunking: only
-    the blocks not ticked are computed, then pass 2 runs and the store is finalised, from any
-    machine that reaches the store. Returns the results reopened from the store.
+    is idempotent, for retry loops: with no store (or one whose run died before its first block)
+    it starts a fresh run; with a complete store it does nothing; with an interrupted or failed
+    store written with the same options and chunking it computes only the blocks not ticked,
+    then runs pass 2 and finalises, from any machine that reaches the store. It says which, as
+    one log line. Returns the results reopened from the store.
     """
     from .cluster import compute_client
     from .fdr import adjust, worker_threads
 
     exists = _exists(url, storage_options)
-    if resume and not exists:
-        raise ResultsError(f"{url}: nothing to resume (no store there); run without --resume")
     if exists and not overwrite and not resume:
         raise ResultsError(f"{url}: a store already exists; pass overwrite=True (--overwrite) to "
                            f"replace it, or resume=True (--resume) to finish an interrupted run")
@@ -299,9 +299,10 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     store = make_store(url, storage_options=storage_options)
     lazy = results["p_value"].chunks is not None
     if resume:
-        status = _check_resumable(url, storage_options, results, lazy)
-        if status == "complete":
+        plan = _resume_plan(url, storage_options, results, lazy, exists)
+        if plan == "complete":
             return open_results(url, storage_options=storage_options)
+        resume = plan == "resume"
     start = time.perf_counter()
     fdr = results.attrs.get("fdr", "none")
     final: dict = {}
@@ -379,13 +380,58 @@ def _fdr_grid(grid: Mapping[str, int], shape: tuple[int, int], threads: int) -> 
 DONE_ARRAY = "nbdask_done_blocks"
 
 
-def _check_resumable(url, storage_options, results, lazy) -> str:
+#: The one line ``save_results(..., resume=True)`` logs for a store that needs nothing.
+RESUME_COMPLETE = "%s: already complete; nothing to resume"
+
+
+def results_status(url: str, *, storage_options: Mapping | None = None) -> str | None:
+    """The ``nbdask_status`` of a results store ("incomplete", "failed", "complete"), None when
+    there is no store."""
+    try:
+        return _open_group(url, storage_options).attrs.get(STATUS_ATTR)
+    except MissingStoreError:
+        return None
+
+
+def stored_pooling(url: str, *, storage_options: Mapping | None = None) -> xr.Dataset | None:
+    """The per-feature variables (first dim ``feature``) of an nbdask results store, loaded, or
+    None without a store or without them.
+
+    ``save_results`` writes them with the store's skeleton, before any block, so a store that
+    exists holds them whole: ``nbdask test --resume`` hands them to ``nbdask.test(pooled=...)``
+    instead of running the pooling pass again.
+    """
+    try:
+        group = _open_group(url, storage_options)
+    except MissingStoreError:
+        return None
+    if group.attrs.get(STATUS_ATTR) is None or DONE_ARRAY not in group:
+        return None
+    store = make_store(url, storage_options=storage_options, read_only=True)
+    ds = xr.open_zarr(store, consolidated=False, zarr_format=3, chunks=None,
+                      drop_variables=[DONE_ARRAY])
+    names = [n for n, v in ds.data_vars.items() if v.dims[:1] == (FEATURE,)]
+    return ds[names].load() if names else None
+
+
+def _resume_plan(url, storage_options, results, lazy, exists) -> str:
+    """What ``resume=True`` does with the store at ``url``, logged as one line: "fresh" (no
+    store, or its run died before the block record existed), "complete" or "resume"."""
+    if not exists:
+        logger.warning("%s: no results store yet; starting a fresh run", url)
+        return "fresh"
     group = _open_group(url, storage_options, "r")
     status = group.attrs.get(STATUS_ATTR)
     if status == "complete":
-        return status
+        logger.warning(RESUME_COMPLETE, url)
+        return "complete"
+    if status is None:
+        raise ResultsError(f"{url}: not an nbdask results store (no {STATUS_ATTR!r} attribute); "
+                           f"choose another path, or remove it")
     if not lazy or DONE_ARRAY not in group:
-        raise ResultsError(f"{url}: cannot resume (no block record in the store); rerun with --overwrite")
+        logger.warning("%s: nothing of the interrupted run to keep (no block record); "
+                       "starting afresh", url)
+        return "fresh"
     if group.attrs.get("options") != results.attrs.get("options"):
         raise ResultsError(f"{url}: cannot resume, the store was written with options "
                            f"{group.attrs.get('options')}, this run has {results.attrs.get('options')}; "
@@ -395,7 +441,10 @@ def _check_resumable(url, storage_options, results, lazy) -> str:
             c[0] for c in results["p_value"].chunks):
         raise ResultsError(f"{url}: cannot resume, the store's block grid differs from this run's "
                            f"chunks; open the cube with the same chunks or use --overwrite")
-    return status
+    done = group[DONE_ARRAY][:]
+    logger.warning("%s: resuming (status %s): %d of %d blocks to compute, then the FDR pass",
+                   url, status, int(done.size - done.sum()), done.size)
+    return "resume"
 
 
 def _store_block(*blocks, store, names, block_info=None):
@@ -458,8 +507,9 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
 
     from .cluster import show_progress
 
-    q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
-                 encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
+    if "q_value" not in zarr.open_group(store, mode="r"):  # else a resumed FDR pass: it exists
+        q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
+                     encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
     q = q_ds["q_value"].data
     written = da.map_blocks(_store_q_block, q, store=store,
                             chunks=(tuple(1 for _ in q.chunks[0]), tuple(1 for _ in q.chunks[1]), (2,)),

@@ -10,14 +10,15 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .dispersion import DISPERSIONS, feature_dispersion
+from .dispersion import DISPERSION_PRIORS, DISPERSIONS, feature_dispersion
 from .errors import NbdaskWarning, OptionError
 from .fdr import BACKENDS as FDR_BACKENDS
 from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
 from .kernels.exact import CONDITIONAL_TESTS, conditional_outputs
-from .schema import (CONTROL_REPLICATE, FEATURE, OUTPUTS, PERTURBATION, REPLICATE,
+from .kernels.integrate import integrated_outputs
+from .schema import (CONTROL_REPLICATE, FEATURE, NODE, OUTPUTS, PERTURBATION, REPLICATE,
                      check_count_block, check_small_values, validate_structure)
 
 logger = logging.getLogger("nbdask")
@@ -39,7 +40,9 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     spec = KERNELS[method]
     # Only some fused kernels implement the pooled dispersion modes.
     kernel = spec.select("array" if per_feature and not spec.fused_pooled else engine, is_host(xp))
-    options = {**options, **{n: v.reshape(g_b) for n, v in zip(per_feature_names, per_feature)}}
+    options = {**options, **{n: v.reshape(g_b, -1) if n == "dispersion_offsets" else v.reshape(g_b)
+                             for n, v in zip(per_feature_names, per_feature)}}
+    offsets = options.pop("dispersion_offsets", None)
     if check:
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
@@ -48,14 +51,18 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     if conditional is not None:
         out = conditional_outputs(out, counts, size_factor, control_counts, control_size_factor,
                                   test=conditional, engine=engine)
+    if offsets is not None:
+        out = integrated_outputs(out, counts, size_factor, control_counts, control_size_factor,
+                                 offsets, test=conditional or "wald", engine=engine)
     return tuple(out[name] for name in names)
 
 
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str = "bh",
-         fdr_scope: str = "global", dispersion: str = "feature", dispersion_fit: str = "ml",
+         fdr_scope: str = "global", dispersion: str = "feature", dispersion_prior: str = "trend",
+         dispersion_fit: str = "ml",
          max_iter: int = 50, tol: float = 1e-6, engine: str = "auto",
          fdr_backend: str = "auto", check_counts: bool = True,
-         transformer_weights: str | None = None) -> xr.Dataset:
+         transformer_weights: str | None = None, pooled: xr.Dataset | None = None) -> xr.Dataset:
     """Test every (perturbation, feature) comparison of a count cube against the controls.
 
     Parameters
@@ -86,6 +93,12 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         ``nbdask.dispersion``. The pooled modes run their reduction pass over the cube when
         ``test`` is called (on the active client), since every p-value depends on it, and
         add ``feature_log_dispersion`` (and its spread and outlier counts) to the results.
+    dispersion_prior
+        How the pooled modes borrow across features: ``"trend"`` (default: an empirical-Bayes
+        posterior per feature under a prior around the mean-dispersion trend, with the
+        p-values averaged over that posterior; see ``nbdask.moderation``) or ``"none"`` (the
+        pooled moment estimate alone, bounded, the trend where no group informs it). With many
+        perturbations the two agree; with few only ``"trend"`` holds its level.
     dispersion_fit, max_iter, tol
         Iterative methods: ``"ml"`` or ``"cox-reid"`` (adjusted profile likelihood) dispersion,
         the iteration cap (<= 127) and the convergence tolerance on log-scale steps.
@@ -96,6 +109,10 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         ``method="transformer"``: an ``.npz`` written by ``nbdask train``; None = the weights
         shipped in ``nbdask/weights``. A design outside their training prior (more than 10
         or fewer than 2 replicates in a group) gets an ``NbdaskWarning``.
+    pooled
+        The per-feature variables an earlier pooling pass over this cube gave (e.g. read back by
+        ``nbdask.io.stored_pooling`` from an interrupted run's store), used instead of running
+        the pass again; ignored with ``dispersion="comparison"``.
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed
         (a bad block fails the run with a ``CubeError``).
@@ -122,6 +139,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
     _check_option("fdr", fdr, FDR_METHODS)
     _check_option("fdr_scope", fdr_scope, FDR_SCOPES)
     _check_option("dispersion", dispersion, DISPERSIONS)
+    _check_option("dispersion_prior", dispersion_prior, DISPERSION_PRIORS)
     validate_structure(cube)
     design = check_small_values(cube)
     if method == "transformer":
@@ -129,22 +147,30 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
 
     counts = cube["counts"]
     side = _aligned_side_inputs(cube)
-    pooled = None
     per_feature, per_feature_names = [], []
-    if dispersion != "comparison":
-        pooled = feature_dispersion(cube)
+    if dispersion == "comparison":
+        pooled = None
+    else:
+        pooled = (feature_dispersion(cube, prior=dispersion_prior) if pooled is None
+                  else _check_pooled(pooled, cube, dispersion_prior))
         per_feature_names = ["feature_dispersion"] + (["dispersion_spread"] if dispersion == "shrunk" else [])
-        values = {"feature_dispersion": np.exp(pooled["feature_log_dispersion"].values.astype(np.float64)),
-                  "dispersion_spread": pooled["feature_dispersion_spread"].values}
+        log_phi = pooled["feature_log_dispersion"].values.astype(np.float64)
+        values = {"feature_dispersion": xr.DataArray(np.exp(log_phi), dims=FEATURE),
+                  "dispersion_spread": xr.DataArray(pooled["feature_dispersion_spread"].values, dims=FEATURE)}
+        if "feature_dispersion_nodes" in pooled and test != "lrt":  # the LRT refits: no averaging
+            per_feature_names.append("dispersion_offsets")
+            nodes = pooled["feature_dispersion_nodes"].values.astype(np.float64)
+            values["dispersion_offsets"] = xr.DataArray(nodes - log_phi[:, None], dims=(FEATURE, NODE))
         chunks = dict(zip(counts.dims, counts.chunks)) if counts.chunks is not None else None
         for name in per_feature_names:
-            arr = xr.DataArray(values[name], dims=FEATURE)
-            per_feature.append(arr.chunk({FEATURE: chunks[FEATURE]}) if chunks else arr)
+            arr = values[name]
+            per_feature.append(arr.chunk({d: chunks[FEATURE] if d == FEATURE else -1 for d in arr.dims})
+                               if chunks else arr)
     names = list(spec.outputs)
     outputs = xr.apply_ufunc(
         _block, counts, *side, *per_feature,
         input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []]
-        + [[] for _ in per_feature],
+        + [[d for d in v.dims if d == NODE] for v in per_feature],
         output_core_dims=[[] for _ in names],
         dask="parallelized",
         output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
@@ -161,11 +187,14 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
     if pooled is not None:
         for name in pooled.data_vars:
             results[name] = pooled[name].assign_attrs(OUTPUTS[name].attrs())
+        results.attrs.update({k: v for k, v in pooled.attrs.items() if k.startswith("dispersion_prior_")})
     if fdr != "none":
         q = adjust(results["p_value"], method=fdr, scope=fdr_scope, backend="gather")
         results["q_value"] = q.assign_attrs(OUTPUTS["q_value"].attrs())
     options = {"method": method, "fdr": fdr, "fdr_scope": fdr_scope, "fdr_backend": fdr_backend,
                "dispersion": dispersion, **kernel_options, "test": test}
+    if dispersion != "comparison":
+        options["dispersion_prior"] = dispersion_prior
     results.attrs.update(options)
     results.attrs.update({
         "options": json.dumps(options, sort_keys=True),
@@ -196,6 +225,19 @@ def _check_transformer_design(design: dict, weights) -> None:
                       f"weights were trained on 2-{MAX_REPLICATES} per group, so their estimates "
                       "extrapolate there; method='mom' or 'irls' cover any design",
                       NbdaskWarning, stacklevel=3)
+
+
+def _check_pooled(pooled: xr.Dataset, cube: xr.Dataset, prior: str) -> xr.Dataset:
+    """``pooled`` if it covers the cube's features (same labels, same order) with ``prior``."""
+    if pooled.attrs.get("dispersion_prior", prior) != prior:
+        raise OptionError(f"pooled: made with dispersion_prior={pooled.attrs['dispersion_prior']!r}, "
+                          f"this run has {prior!r}; pass the pooling of this run's options, or None")
+    labels = cube[FEATURE].values if FEATURE in cube.coords else None
+    if (pooled.sizes.get(FEATURE) != cube.sizes[FEATURE] or labels is not None and (
+            FEATURE not in pooled.coords or not np.array_equal(pooled[FEATURE].values, labels))):
+        raise OptionError(f"pooled: its {FEATURE} axis does not match the cube's "
+                          f"({cube.sizes[FEATURE]} features); pass the pooling of this cube, or None")
+    return pooled
 
 
 def _aligned_side_inputs(cube: xr.Dataset) -> list[xr.DataArray]:

@@ -19,6 +19,8 @@ PERTURBATION = "perturbation"
 FEATURE = "feature"
 REPLICATE = "replicate"
 CONTROL_REPLICATE = "control_replicate"
+#: Quantile nodes of a feature's dispersion posterior (``feature_dispersion_nodes``).
+NODE = "dispersion_node"
 
 MIN_CONTROL_REPLICATES = 2
 
@@ -78,7 +80,21 @@ OUTPUTS = _declare(
              "FDR-adjusted p-value over all non-NaN p-values in the FDR scope; NaN where p is NaN.",
              "float64"),
     Variable("feature_log_dispersion", (FEATURE,), "f",
-             "Log of the feature's pooled NB2 dispersion (dispersion='feature' or 'shrunk').", "float32"),
+             "Log NB2 dispersion of the feature (dispersion='feature' or 'shrunk'): the posterior mean "
+             "under the trend prior (dispersion_prior='trend'), or the pooled moment estimate.",
+             "float32"),
+    Variable("feature_log_dispersion_sd", (FEATURE,), "f",
+             "Posterior standard deviation of the feature's log dispersion (0 without a prior).",
+             "float32"),
+    Variable("feature_log_dispersion_trend", (FEATURE,), "f",
+             "The prior's centre: the mean-dispersion trend across features at the feature's mean "
+             "count (log NB2 dispersion).", "float32"),
+    Variable("feature_base_mean", (FEATURE,), "f",
+             "Mean normalised count of the feature over every sample (counts at the geometric "
+             "mean size factor).", "float64"),
+    Variable("feature_dispersion_nodes", (FEATURE, NODE), "f",
+             "Equal-probability quantiles of the feature's posterior of log dispersion; the "
+             "p-values average over them.", "float32"),
     Variable("feature_dispersion_spread", (FEATURE,), "f",
              "Between-perturbation variance tau^2 of the feature's dispersion (moment estimate).",
              "float64"),

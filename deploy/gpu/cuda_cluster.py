@@ -14,24 +14,15 @@ import sys
 
 
 def main(cube_url: str, results_url: str) -> None:
-    import cupy
     from dask_cuda import LocalCUDACluster
     from distributed import Client
 
     import nbdask
+    from nbdask.gpu import cube_to_device, results_to_host
 
     with LocalCUDACluster(rmm_pool_size="24GB", threads_per_worker=1) as cluster, Client(cluster):
-        cube = nbdask.open_cube(cube_url)
-        on_gpu = cube.copy()
-        for name in ("counts", "size_factor", "control_counts", "control_size_factor"):
-            data = cube[name].data
-            on_gpu[name] = cube[name].copy(data=data.map_blocks(
-                cupy.asarray, meta=cupy.empty((0,) * data.ndim, data.dtype)))
-        res = nbdask.test(on_gpu, method="mom")
-        host = res.map(lambda v: v.copy(data=v.data.map_blocks(
-            cupy.asnumpy, meta=__import__("numpy").empty((0,) * v.ndim, v.dtype)))
-            if hasattr(v.data, "map_blocks") else v)
-        nbdask.save_results(host.assign_attrs(res.attrs), results_url, progress=True)
+        res = nbdask.test(cube_to_device(nbdask.open_cube(cube_url)), method="mom")
+        nbdask.save_results(results_to_host(res), results_url, progress=True)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@ NB(mean r L_g, size k_g) with L_g = sum_i l_i and k_g = L_g^2 / (phi sum_i l_i^2
 and exact when the group's size factors are equal (a sum of n iid NB(m, 1/phi) is NB(n m, n/phi)).
 Conditioning on s = S_T + S_C gives P(S_T = t | s) proportional to a_t = NB(t; M_T, k_T) NB(s - t;
 M_C, k_C), with r estimated by s / (L_T + L_C) as in edgeR's exact test. The p-value is the
-mid-p of the small-probability (Fisher) rule: (sum of a_t below a_obs + half of those equal to
-it) / sum of all a_t. It is free of the normal approximation that makes Wald tests conservative
-at counts below ~2 (see README, "Calibration").
+doubled mid-p tail, edgeR's default ``"doubletail"`` rejection region: 2 min(L, U) / sum of all
+a_t, capped at 1, with L (U) the sum of a_t below (above) the observed t plus half of a_obs. It
+is free of the normal approximation that makes Wald tests conservative at counts below ~2 (see
+README, "Calibration"). The tails, not the small-probability rule, decide: when both sizes k_g
+are below 1 the distribution is U-shaped (at large phi the total tends to fall in one group), and
+the small-probability rule would call an even split significant because it is improbable there.
 
 The walk computes a_t / a_obs outward from the observed t by the recurrence
 a_{t+1} / a_t = c (t + k_T)(s - t) / ((t + 1)(s - t - 1 + k_C)), c = p_T / p_C, p_g = M_g/(M_g+k_g),
 so it costs one division per term; values past 1e280 are rescaled (tracked exponents), so p-values
 down to the float64 range survive. When k_T, k_C >= 1 the distribution is log-concave and a walk
-stops once its terms drop below TRUNCATION of the running sum of small terms.
+stops once its terms drop below TRUNCATION of its running tail sum.
 
 ``test="auto"`` (the default) runs it where s <= AUTO_MAX_TOTAL, where it matters, and keeps the
 Wald test elsewhere, where the normal approximation is good: like scipy's ``mannwhitneyu``
@@ -24,12 +27,10 @@ from __future__ import annotations
 
 import math
 
-from .backend import is_host, namespaces, to_host
+from .backend import any_true, host_scalar, is_host, namespaces
 
 #: ``test="auto"``: comparisons whose total count is at most this get the exact test.
 AUTO_MAX_TOTAL = 32
-#: Relative tolerance under which two a_t count as equal (as R's fisher.test).
-TIE = 1e-7
 #: A log-concave walk stops at a term below this fraction of its small-term sum.
 TRUNCATION = 1e-14
 BIG = 1e280
@@ -51,10 +52,10 @@ def group_totals(xp, counts, size_factor, control_counts, control_size_factor):
 
 
 def _walk(xp, obs, total, kt, kc, c, active, trunc, up, steps):
-    """Sums of a_t / a_obs beyond obs in one direction: (small, ties, log of all terms)."""
+    """Log of the tail sum of a_t / a_obs beyond obs in one direction ([P_b, G_b]; -inf if empty)."""
     value = xp.ones_like(obs)
     zero = xp.zeros_like(obs)
-    e, small, ties, tot, etot = zero, zero, zero, zero, zero
+    e, tot, etot = zero, zero, zero
     done = ~active
     for j in range(steps):
         if up:
@@ -68,19 +69,16 @@ def _walk(xp, obs, total, kt, kc, c, active, trunc, up, steps):
         value = xp.where(valid, value * ratio, value)
         over = valid & (value > BIG)
         under = valid & ~over & (e > 0) & (value < 1.0)
-        value = value * xp.where(over, 1.0 / BIG, xp.where(under, BIG, 1.0))
+        value = value * xp.where(over, 1.0 / BIG, xp.where(under, BIG, xp.ones_like(value)))
         e = e + xp.astype(over, e.dtype) - xp.astype(under, e.dtype)
         higher = valid & (e > etot)
         tot = xp.where(valid & (e == etot), tot + value, xp.where(higher, tot / BIG + value, tot))
         etot = xp.where(higher, e, etot)
-        is_small = valid & (e == 0) & (value < 1.0 - TIE)
-        small = small + xp.where(is_small, value, 0.0)
-        ties = ties + xp.where(valid & (e == 0) & ~is_small & (value <= 1.0 + TIE), value, 0.0)
-        done = done | ~valid | (is_small & trunc & (value < TRUNCATION * (small + 0.5)))
-        if j % 32 == 31 and not bool(xp.any(~done)):  # one sync per 32 steps
+        negligible = (e < etot) | (value < TRUNCATION * tot)
+        done = done | ~valid | (valid & trunc & negligible)
+        if j % 32 == 31 and not any_true(xp, ~done):  # one sync per 32 steps
             break
-    log_tot = xp.where(tot > 0, xp.log(xp.where(tot > 0, tot, 1.0)) + etot * LOG_BIG, -xp.inf)
-    return small, ties, log_tot
+    return xp.where(tot > 0, xp.log(xp.where(tot > 0, tot, 1.0)) + etot * LOG_BIG, -xp.inf)
 
 
 def conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, *, steps):
@@ -92,12 +90,18 @@ def conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, *, steps):
     mt, mc = rate * l_t, rate * l_c
     c = (mt / (mt + kt)) / xp.where(active, mc / (mc + kc), 1.0)
     trunc = (kt >= 1.0) & (kc >= 1.0)
-    su, tu, lu = _walk(xp, obs, total, kt, kc, c, active, trunc, True, steps)
-    sd, td, ld = _walk(xp, obs, total, kt, kc, c, active, trunc, False, steps)
-    hi = xp.maximum(xp.maximum(lu, ld), 0.0)
-    log_total = hi + xp.log(xp.exp(lu - hi) + xp.exp(ld - hi) + xp.exp(-hi))
-    p = xp.minimum(xp.exp(xp.log(su + sd + 0.5 * (1.0 + tu + td)) - log_total), 1.0)
-    return xp.where(active, p, xp.nan)
+    lu = _walk(xp, obs, total, kt, kc, c, active, trunc, True, steps)
+    ld = _walk(xp, obs, total, kt, kc, c, active, trunc, False, steps)
+    return xp.where(active, doubled_tail(xp, lu, ld), xp.nan)
+
+
+def doubled_tail(xp, log_upper, log_lower):
+    """2 min(L, U) / (L + U), capped at 1, from the logs of the tail sums beyond a_obs = 1 on
+    each side (L = lower + 1/2, U = upper + 1/2)."""
+    half = xp.full_like(log_upper, math.log(0.5))
+    lu = xp.logaddexp(log_upper, half)
+    ld = xp.logaddexp(log_lower, half)
+    return xp.minimum(2.0 * xp.exp(xp.minimum(lu, ld) - xp.logaddexp(lu, ld)), 1.0)
 
 
 def conditional_outputs(out, counts, size_factor, control_counts, control_size_factor, *,
@@ -127,7 +131,7 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
     phi = xp.exp(xp.astype(out["log_dispersion"], xp.float64))
     active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= max_total) & xp.isfinite(phi)
               & (l_t > 0))
-    steps = int(to_host(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
+    steps = int(host_scalar(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
     p = conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, steps=steps)
     direction = xp.sign(obs * l_c - (total - obs) * l_t)
     z = -direction * special.ndtri(xp.where(active, p, 1.0) / 2.0)

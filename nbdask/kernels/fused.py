@@ -15,7 +15,6 @@ import numpy as np
 
 from .exact import BIG as _BIG
 from .exact import LOG_BIG as _LOG_BIG
-from .exact import TIE as _TIE
 from .exact import TRUNCATION as _TRUNCATION
 from .irls import CHECK_EVERY, INNER_STEPS, MAX_ALPHA_STEP, MAX_DISPERSION, MAX_LOG_FOLD_CHANGE
 from .mom import MIN_DISPERSION, ZERO_GROUP_COUNT
@@ -624,6 +623,40 @@ def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library
 
 
 @_jit
+def evidence_rows(rate_mean, keep, n_t, inv_t, library_t, out):
+    """``dispersion.evidence_rows`` of a block's treated groups into ``out`` [9 + R - 1, G]:
+    the nine EVIDENCE_ROWS, then ``excess_<n>`` for n = 2 ... R."""
+    P, G = rate_mean.shape
+    sizes = out.shape[0] - 9
+    out[:, :] = 0.0
+    for p in range(P):
+        n = n_t[p]
+        if n <= 0:
+            continue
+        w = max(n - 1.0, 0.0)
+        wn = w * w / n
+        inv_l = n / library_t[p]
+        row = 9 + int(n) - 2
+        for g in range(G):
+            q = rate_mean[p, g]
+            out[3, g] += n * q
+            out[4, g] += n
+            if not keep[p, g]:
+                continue
+            a = q * inv_t[p]
+            b = q * q
+            out[0, g] += w * a
+            out[1, g] += w
+            out[2, g] += w * b
+            out[5, g] += 2.0 * w * a * a + wn * q * inv_l * inv_l * inv_l
+            out[6, g] += 4.0 * w * a * b + wn * (6.0 * a * a + b * inv_l * inv_l)
+            out[7, g] += 2.0 * w * b * b + 12.0 * wn * a * b
+            out[8, g] += 6.0 * wn * b * b
+            if 9 <= row < 9 + sizes:
+                out[row, g] += w * max(b - a / n, 0.0)
+
+
+@_jit
 def pearson_statistics(counts, sf, rate_mean, est, out):
     """out[p, g] = sum over present i of (q_i - qbar)^2 / (qbar / l_i + est_g qbar^2) (a zero
     variance counts as 1), the treated groups' Pearson statistics under dispersions ``est``."""
@@ -647,11 +680,9 @@ def pearson_statistics(counts, sf, rate_mean, est, out):
 
 @_jit
 def _exact_walk(obs, s, kt, kc, c, trunc, up):
-    """``exact._walk`` for one comparison: (small, ties, sum of all terms, its exponent in BIG)."""
+    """``exact._walk`` for one comparison: the log of its tail sum (-inf when empty)."""
     value = 1.0
     e = 0
-    small = 0.0
-    ties = 0.0
     tot = 0.0
     etot = 0
     t = obs
@@ -673,19 +704,20 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
         elif e > etot:
             tot = tot / _BIG + value
             etot = e
-        if e == 0:
-            if value < 1.0 - _TIE:
-                small += value
-                if trunc and value < _TRUNCATION * (small + 0.5):
-                    break
-            elif value <= 1.0 + _TIE:
-                ties += value
-    return small, ties, tot, etot
+        if trunc and (e < etot or value < _TRUNCATION * tot):
+            break
+    return math.log(tot) + etot * _LOG_BIG if tot > 0 else -math.inf
+
+
+@_jit
+def _logaddexp(a, b):
+    hi = max(a, b)
+    return hi + math.log(math.exp(a - hi) + math.exp(b - hi))
 
 
 @_jit
 def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
-    """``exact.conditional_p`` for one comparison."""
+    """``exact.conditional_p`` for one comparison (doubled mid-p tail)."""
     rate = s / (l_t + l_c)
     kt = l_t * l_t / (phi * l2_t)
     kc = l_c * l_c / (phi * l2_c)
@@ -693,16 +725,10 @@ def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     mc = rate * l_c
     c = (mt / (mt + kt)) / (mc / (mc + kc))
     trunc = kt >= 1.0 and kc >= 1.0
-    su, tu, au, eu = _exact_walk(obs, s, kt, kc, c, trunc, True)
-    sd, td, ad, ed = _exact_walk(obs, s, kt, kc, c, trunc, False)
-    small = su + sd + 0.5 * (1.0 + tu + td)
-    if eu == 0 and ed == 0:  # no term beyond 1e280 times a_obs: plain sums
-        return min(small / (au + ad + 1.0), 1.0)
-    lu = math.log(au) + eu * _LOG_BIG if au > 0 else -math.inf
-    ld = math.log(ad) + ed * _LOG_BIG if ad > 0 else -math.inf
-    hi = max(max(lu, ld), 0.0)
-    log_total = hi + math.log(math.exp(lu - hi) + math.exp(ld - hi) + math.exp(-hi))
-    return min(math.exp(math.log(small) - log_total), 1.0)
+    half = math.log(0.5)
+    lu = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, True), half)
+    ld = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, False), half)
+    return min(2.0 * math.exp(min(lu, ld) - _logaddexp(lu, ld)), 1.0)
 
 
 # Acklam's rational approximation of the normal quantile (relative error < 1.2e-9: ample for

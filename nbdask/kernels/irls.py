@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import namespaces, trigamma
+from .backend import any_true, namespaces, trigamma
 from .mom import MIN_DISPERSION, mom_kernel
 
 #: Dispersion bounds of the fit (phi); the lower one is the reported Poisson limit.
@@ -184,14 +184,14 @@ def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6,
     alpha = xp.broadcast_to(alpha, shape) + 0.0
     active = interior
     converged = ~interior  # the Poisson boundary is the constrained optimum
-    iterations = xp.zeros(shape, dtype=xp.int8)
-    step_bound = xp.full(shape, MAX_ALPHA_STEP)
-    last_grad = xp.zeros(shape)
+    iterations = xp.zeros_like(alpha, dtype=xp.int8)
+    step_bound = xp.full_like(alpha, MAX_ALPHA_STEP)
+    last_grad = xp.zeros_like(alpha)
     last_alpha = alpha
 
     for it in range(max_iter):
         phi = xp.exp(alpha)
-        theta_moved = xp.zeros(shape)
+        theta_moved = xp.zeros_like(alpha)
         for _ in range(INNER_STEPS):
             thetas, moved = _theta_newton(xp, groups, owner, n_params, thetas, phi, zero, active)
             theta_moved = xp.maximum(theta_moved, moved)
@@ -220,13 +220,13 @@ def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6,
         done = (small & (theta_moved < tol)) | at_floor
         converged = converged | (active & done)
         active = active & ~done
-        if (it + 1) % CHECK_EVERY == 0 and not bool(xp.any(active)):
+        if (it + 1) % CHECK_EVERY == 0 and not any_true(xp, active):
             break
     # Polish the rates at the final dispersion (rates of the Poisson-boundary fits included).
     phi = xp.exp(alpha)
     for _ in range(INNER_STEPS):
         thetas, _ = _theta_newton(xp, groups, owner, n_params, thetas, phi, zero,
-                                  xp.ones(shape, dtype=xp.bool))
+                                  xp.ones_like(alpha, dtype=xp.bool))
     converged = converged & ~capped & (alpha < hi)
     return thetas, alpha, converged, iterations, capped
 
@@ -234,13 +234,13 @@ def fit_nb(xp, special, groups, owner, *, cox_reid=False, max_iter=50, tol=1e-6,
 def _fit_rates(xp, groups, owner, n_params, thetas, zero, capped, alpha, max_iter, tol):
     """Newton for the log rates at a fixed dispersion (a concave 1-D problem per rate)."""
     phi = xp.exp(alpha)
-    active = xp.ones(alpha.shape, dtype=xp.bool)
-    iterations = xp.zeros(alpha.shape, dtype=xp.int8)
+    active = xp.ones_like(alpha, dtype=xp.bool)
+    iterations = xp.zeros_like(alpha, dtype=xp.int8)
     for it in range(max_iter):
         thetas, moved = _theta_newton(xp, groups, owner, n_params, thetas, phi, zero, active)
         iterations = xp.where(active, iterations + 1, iterations)
         active = active & ~(moved < tol)
-        if (it + 1) % CHECK_EVERY == 0 and not bool(xp.any(active)):
+        if (it + 1) % CHECK_EVERY == 0 and not any_true(xp, active):
             break
     return thetas, alpha, ~active & ~capped, iterations, capped
 
@@ -252,7 +252,7 @@ def _theta_newton(xp, groups, owner, n_params, thetas, phi, zero, active):
         s, h = _theta_derivatives(xp, group, thetas[k], phi)
         scores[k] = scores[k] + s
         hessians[k] = hessians[k] + h
-    out, moved = [], xp.zeros(thetas[0].shape)
+    out, moved = [], xp.zeros_like(thetas[0])
     for k in range(n_params):
         h = hessians[k]
         step = -scores[k] / xp.where(h < 0, h, -1.0)
@@ -351,7 +351,7 @@ def irls_kernel(counts, size_factor, control_counts, control_size_factor, *, tes
     control_size_factor = xp.astype(control_size_factor, f64)
     present = xp.isfinite(size_factor)
     ctrl = _Group(xp, control_counts[None, :, :], control_size_factor[None, None, :],
-                  xp.ones((1, 1, control_size_factor.shape[0]), dtype=xp.bool))
+                  xp.ones_like(control_size_factor, dtype=xp.bool)[None, None, :])
     trt = _Group(xp, counts, size_factor[:, None, :], present[:, None, :])
     groups = [ctrl, trt]
     cox_reid = dispersion_fit == "cox-reid"

@@ -8,6 +8,9 @@ from .wald import wald_outputs
 
 #: Floor of the shared dispersion estimate phi hat (DESeq2's minDisp).
 MIN_DISPERSION = 1e-8
+#: Ceiling of the pooled and moderated dispersions: with 2-10 replicates no data tell larger values
+#: apart, and the pooled moment ratio is unbounded where its denominator nears zero.
+DISPERSION_CEILING = 100.0
 #: Pseudo-count for a group whose counts are all zero: q bar = ZERO_GROUP_COUNT / sum(l_i).
 ZERO_GROUP_COUNT = 0.5
 

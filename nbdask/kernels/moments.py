@@ -66,6 +66,6 @@ def block_moments(xp, counts, size_factor, control_counts, control_size_factor):
     control_size_factor = xp.astype(control_size_factor, xp.float64)
     present = xp.isfinite(size_factor)
     ctrl = group_moments(xp, control_counts, control_size_factor,
-                         xp.ones(control_size_factor.shape, dtype=xp.bool))
+                         xp.ones_like(control_size_factor, dtype=xp.bool))
     trt = group_moments(xp, counts, size_factor[:, None, :], present[:, None, :])
     return size_factor, control_size_factor, present, ctrl, trt

@@ -24,7 +24,7 @@ import warnings
 from importlib import resources
 
 from ..errors import NbdaskWarning, OptionError
-from .backend import is_host, namespaces
+from .backend import device, host_scalar, is_host, namespaces
 from .moments import block_moments
 from .mom import group_rates, moment_dispersion
 from .wald import wald_outputs
@@ -202,11 +202,11 @@ def _load_host(path: str | None):
     return {k: v.astype(np.float32) for k, v in arrays.items()}, meta
 
 
-def load_weights(path=None, xp=None):
+def load_weights(path=None, xp=None, device=None):
     """``(params, metadata)``: the shipped weights (or an ``.npz`` written by ``nbdask train``).
 
-    ``params`` maps parameter names to float32 arrays of namespace ``xp`` (NumPy by default);
-    ``metadata["config"]`` holds the architecture, target scales and training record.
+    ``params`` maps parameter names to float32 arrays of namespace ``xp`` (NumPy by default) on
+    ``device``; ``metadata["config"]`` holds the architecture, target scales and training record.
     """
     try:
         host, meta = _load_host(None if path is None else str(path))
@@ -215,7 +215,7 @@ def load_weights(path=None, xp=None):
                           "`nbdask train --out weights.npz` and pass transformer_weights=") from None
     if xp is None or is_host(xp):
         return host, meta
-    return {k: xp.asarray(v) for k, v in host.items()}, meta
+    return {k: xp.asarray(v, device=device) for k, v in host.items()}, meta
 
 
 # --------------------------------------------------------------------------- kernel
@@ -231,7 +231,7 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
     network extrapolates (``nbdask.test`` warns on designs outside 2-MAX_REPLICATES replicates).
     """
     xp, special = namespaces(counts, size_factor, control_counts, control_size_factor)
-    params, meta = load_weights(weights, xp)
+    params, meta = load_weights(weights, xp, device(counts))
     config = meta["config"]
     size_factor, control_size_factor, present, ctrl, trt = block_moments(
         xp, counts, size_factor, control_counts, control_size_factor)
@@ -242,7 +242,7 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
     log_g = xp.mean(xp.log(control_size_factor))
     g = xp.exp(log_g)
     summary, log_rate_c, beta_mom = comparison_summary(xp, ctrl, trt, log_g)
-    mask_c = xp.ones((g_b, c), dtype=xp.bool)
+    mask_c = xp.ones_like(control_counts, dtype=xp.bool)
     tokens_c = set_tokens(xp, control_counts, xp.broadcast_to(control_size_factor / g, (g_b, c)), mask_c)
     # Control self-attention: once per feature, shared by every perturbation of the block.
     h_c_feature = encode_set(xp, params, config, "c", tokens_c, mask_c)
@@ -253,13 +253,13 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
     for start in range(0, p_b, step):  # cache-sized batches of comparisons (BATCH)
         stop = min(start + step, p_b)
         n = (stop - start) * g_b
-        t = xp.reshape(tokens_t[start:stop], (n, r, TOKEN_FEATURES))
+        t = xp.reshape(tokens_t[start:stop, ...], (n, r, TOKEN_FEATURES))
         m_t = xp.reshape(xp.broadcast_to(present[start:stop, None, :], (stop - start, g_b, r)), (n, r))
         h_t = encode_set(xp, params, config, "t", t, m_t)
         d = h_c_feature.shape[-1]
-        h_c = xp.reshape(xp.broadcast_to(h_c_feature[None], (stop - start, g_b, c, d)), (n, c, d))
-        m_c = xp.ones((n, c), dtype=xp.bool)
-        s = xp.reshape(summary[start:stop], (n, SUMMARY_FEATURES))
+        h_c = xp.reshape(xp.broadcast_to(h_c_feature[None, ...], (stop - start, g_b, c, d)), (n, c, d))
+        m_c = xp.ones((n, c), dtype=xp.bool, device=device(counts))
+        s = xp.reshape(summary[start:stop, ...], (n, SUMMARY_FEATURES))
         out.append(xp.reshape(decode(xp, params, config, h_c, m_c, h_t, m_t, s), (stop - start, g_b, 3)))
     out = xp.concat(out, axis=0) if len(out) > 1 else out[0]
     mu, beta, alpha = estimates(xp, out, log_rate_c, beta_mom, config)
@@ -277,7 +277,7 @@ def transformer_kernel(counts, size_factor, control_counts, control_size_factor,
 def _warn_out_of_range(xp, ctrl, trt) -> None:
     """Warn on counts beyond the prior (``nbdask.test`` warns on the design before any block)."""
     # Mean count at a typical sample: q bar times the mean present size factor.
-    top = float(xp.max(xp.maximum(xp.max(ctrl.rate_mean * ctrl.library / xp.maximum(ctrl.n, 1.0)),
+    top = host_scalar(xp.max(xp.maximum(xp.max(ctrl.rate_mean * ctrl.library / xp.maximum(ctrl.n, 1.0)),
                                   xp.max(trt.rate_mean * trt.library / xp.maximum(trt.n, 1.0)))))
     if top > MAX_MEAN_COUNT:
         warnings.warn(f"transformer: mean counts up to {top:.0f} in this block; the shipped weights "
