@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	  || python3.12 -m venv $(VENV) \
 	  || { echo "nbdask needs Python >= 3.12: install it (pyenv install 3.12) and rerun make" >&2; exit 1; }; \
 	fi
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "installing nbdask and its test tools into $(VENV) (the first time takes a few minutes)"
+	@$(PY) -m pip install -qq --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
 train-venv: $(TSTAMP)
@@ -40,7 +41,11 @@ demo: venv
 	  --replicates 4 --control-replicates 8 --effect-fraction 0.05 --seed 1 --shards 128
 	$(VENV)/bin/nbdask info $(DEMO)/cube.zarr
 	$(VENV)/bin/nbdask test $(DEMO)/cube.zarr $(DEMO)/results.zarr --method mom --workers 2
-	$(VENV)/bin/nbdask report $(DEMO)/results.zarr --truth $(DEMO)/cube.zarr
+	$(VENV)/bin/nbdask export $(DEMO)/results.zarr $(DEMO)/hits.csv --q-max 0.1
+	$(VENV)/bin/nbdask report $(DEMO)/results.zarr --truth $(DEMO)/cube.zarr --html $(DEMO)/report.html
+	@echo
+	@echo "The report: $(CURDIR)/$(DEMO)/report.html (open it in a browser)"
+	@echo "The hits:   $(CURDIR)/$(DEMO)/hits.csv (one row per comparison with q <= 0.1)"
 
 test: venv train-venv
 	$(VENV)/bin/python -m pytest -q -ra

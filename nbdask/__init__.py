@@ -5,6 +5,8 @@ CuPy kernels, FDR-corrected exactly, and written back to Zarr.
 
 The public names load on first use, so ``nbdask.kernels`` (NumPy/CuPy only) and ``nbdask.train``
 (PyTorch) import on machines without xarray, Dask or Zarr, e.g. a bare GPU box or a training venv.
+Where xarray is installed, importing nbdask registers the ``.nb`` Dataset accessor
+(``nbdask.accessor``: it imports xarray and nothing heavier).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ _PUBLIC = {
     "describe": "io", "open_cube": "io", "open_results": "io", "save_cube": "io",
     "save_results": "io", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
     "from_anndata": "importers.anndata", "from_table": "importers.table",
+    "to_dataframe": "export", "export_hits": "export", "report_html": "report",
 }
 
 __all__ = ["fdr", *_PUBLIC]
@@ -53,3 +56,13 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+def _register_accessor() -> None:
+    from importlib.util import find_spec
+
+    if find_spec("xarray") is not None:
+        importlib.import_module(".accessor", __name__)
+
+
+_register_accessor()

@@ -1,4 +1,4 @@
-"""``nbdask`` command line: simulate | import | info | test | report | train | bench | calibrate."""
+"""``nbdask`` command line: simulate | import | info | test | report | export | train | bench | calibrate."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 
+from . import __version__
 from .errors import NbdaskError
 
 FDR_CHOICES = ("bh", "storey", "none")
@@ -36,12 +37,49 @@ def _range(text: str) -> tuple[float, float]:
     return float(lo), float(hi or lo)
 
 
+#: The example that ends each subcommand's --help.
+EXAMPLES = {
+    "simulate": "nbdask simulate screen.zarr --perturbations 2000 --features 2000 --seed 1",
+    "info": "nbdask info screen.zarr",
+    "test": "nbdask test screen.zarr results.zarr --workers 2\n"
+            "  nbdask test s3://bucket/screen.zarr s3://bucket/results.zarr --scheduler tcp://scheduler:8786 \\\n"
+            "      --storage-option key=$AWS_ACCESS_KEY_ID --storage-option secret=$AWS_SECRET_ACCESS_KEY",
+    "report": "nbdask report results.zarr\n"
+              "  nbdask report results.zarr --html report.html --truth screen.zarr",
+    "export": "nbdask export results.zarr hits.parquet --q-max 0.1\n"
+              "  nbdask export results.zarr hits.csv --perturbation P0001 --perturbation P0002",
+    "train": "nbdask train --out weights.npz --seed 1 --steps 40000",
+}
+
+
+def _add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=f"example{'s' if chr(10) in EXAMPLES[name] else ''}:\n  {EXAMPLES[name]}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_where(parser: argparse.ArgumentParser, default: str) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
+    where.add_argument("--scheduler", help="address of a running dask scheduler, e.g. "
+                       f"tcp://127.0.0.1:8786 (default: {default})")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbdask", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="nbdask", description=__doc__.split("\n")[0],
+        epilog="example (five minutes on a laptop):\n"
+               "  nbdask simulate screen.zarr --perturbations 500 --features 500 --seed 1\n"
+               "  nbdask test screen.zarr results.zarr --workers 2\n"
+               "  nbdask report results.zarr --html report.html\n"
+               "  nbdask export results.zarr hits.parquet --q-max 0.1\n"
+               "run `nbdask COMMAND --help` for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nbdask {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="simulate an NB2 count cube with known truth into Zarr")
+    sim = _add_command(sub, "simulate", "simulate an NB2 count cube with known truth into Zarr")
     sim.add_argument("cube", help="output Zarr path or URL")
     sim.add_argument("--perturbations", type=int, default=1000)
     sim.add_argument("--features", type=int, default=1000)
@@ -64,12 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     add_import(sub, lambda p: p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                                              help="fsspec option of the output store"))
 
-    info = sub.add_parser("info", help="dims, chunks/shards, dtypes and validation verdict of a cube")
+    info = _add_command(sub, "info", "dims, chunks/shards, dtypes and validation verdict of a cube")
     info.add_argument("cube")
     info.add_argument("--quick", action="store_true", help="skip the full scan of counts values")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
-    tst = sub.add_parser("test", help="test every comparison of a cube and write results Zarr")
+    tst = _add_command(sub, "test", "test every comparison of a cube and write results Zarr")
     tst.add_argument("cube")
     tst.add_argument("results")
     tst.add_argument("--method", default="mom", choices=["mom", "irls", "transformer"],
@@ -98,9 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     tst.add_argument("--fdr-scope", default="global", choices=["global", "perturbation"])
     tst.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"],
                      help="exact BH on one worker (gather), across workers (buckets), or by memory")
-    where = tst.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, help="start a LocalCluster of N worker processes")
-    where.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://127.0.0.1:8786")
+    _add_where(tst, "the active client, else a LocalCluster of one worker per core")
     tst.add_argument("--chunks", type=int, nargs=2, metavar=("P", "G"),
                      help="dask chunk sizes (multiples of the cube's shards)")
     tst.add_argument("--overwrite", action="store_true", help="replace an existing results store")
@@ -111,12 +147,33 @@ def _parser() -> argparse.ArgumentParser:
     tst.add_argument("--no-progress", action="store_true")
     tst.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
-    rep = sub.add_parser("report", help="summary of a results store (and accuracy vs a simulated truth)")
+    rep = _add_command(sub, "report", "summary of a results store (and accuracy vs a simulated "
+                                      "truth); --html writes the full report with plots")
     rep.add_argument("results")
     rep.add_argument("--truth", help="the simulated cube the results came from")
     rep.add_argument("--json", action="store_true", help="print JSON")
+    rep.add_argument("--html", metavar="PATH", help="write the self-contained HTML report "
+                     "(p-values, QQ, volcano, screen view, top hits) to PATH")
+    rep.add_argument("--q-max", type=float, default=0.1,
+                     help="--html: hits are comparisons with q <= Q_MAX (default 0.1)")
+    _add_where(rep, "threads in this process")
     rep.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
-    trn = sub.add_parser("train", help="train the pair-set transformer (needs PyTorch)")
+
+    exp = _add_command(sub, "export", "write a tidy hit table (one row per comparison kept) "
+                                      "as Parquet or CSV")
+    exp.add_argument("results")
+    exp.add_argument("output", help="*.parquet or *.csv (written whole, or not at all)")
+    exp.add_argument("--q-max", type=float,
+                     help="keep comparisons with q <= Q_MAX (default: every comparison)")
+    exp.add_argument("--perturbation", action="append", metavar="LABEL",
+                     help="keep only this perturbation (repeatable)")
+    exp.add_argument("--feature", action="append", metavar="LABEL",
+                     help="keep only this feature (repeatable)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_where(exp, "threads in this process")
+    exp.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+    trn = _add_command(sub, "train", "train the pair-set transformer (needs PyTorch)")
     from .train.cli import add_arguments
 
     add_arguments(trn)
@@ -344,6 +401,17 @@ def _test(args) -> int:
     return 0
 
 
+def _reading_client(args):
+    """A client for report/export: --workers or --scheduler, else none (dask's threads here)."""
+    from contextlib import nullcontext
+
+    from .cluster import compute_client
+
+    if args.workers is None and args.scheduler is None:
+        return nullcontext(None)
+    return compute_client(scheduler=args.scheduler, workers=args.workers)
+
+
 def _report(args) -> int:
     from .io import open_cube, open_results
     from .summary import summarize
@@ -353,18 +421,46 @@ def _report(args) -> int:
     truth = open_cube(args.truth, storage_options=so) if args.truth else None
     if truth is not None and "true_log_fold_change" not in truth:
         raise NbdaskError(f"--truth {args.truth}: the cube has no true_log_fold_change; pass a simulated cube")
+    if args.html:
+        from .report import render
+
+        start = time.perf_counter()
+        with _reading_client(args) as client:
+            report = render(results, truth=truth, q_max=args.q_max, source=args.results,
+                            client=client)
+        report.save(args.html)
     summary = summarize(results, truth=truth)
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
-    for key, value in summary.items():
-        text = f"{value:,.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
-        print(f"{key:<26} {text}")
+    else:
+        for key, value in summary.items():
+            text = f"{value:,.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
+            print(f"{key:<26} {text}")
+    if args.html:
+        print(f"HTML report ({report.overview.n_hits:,} hits at q <= {args.q_max:g}) written to "
+              f"{args.html} in {time.perf_counter() - start:.1f} s; open it in a browser",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-COMMANDS = {"simulate": _simulate, "import": _import, "info": _info, "test": _test,
-            "report": _report, "train": _train, "bench": _bench, "calibrate": _calibrate}
+def _export(args) -> int:
+    from .export import export_hits
+    from .io import open_results
+
+    so = _storage_options(args.storage_option)
+    results = open_results(args.results, storage_options=so)
+    start = time.perf_counter()
+    with _reading_client(args) as client:
+        n = export_hits(results, args.output, q_max=args.q_max, perturbations=args.perturbation,
+                        features=args.feature, overwrite=args.overwrite, client=client)
+    kept = "" if args.q_max is None else f" with q <= {args.q_max:g}"
+    print(f"wrote {n:,} comparisons{kept} (of {results['p_value'].size:,}) to {args.output} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+COMMANDS = {"simulate": _simulate, "import": _import, "info": _info, "test": _test, "report": _report,
+            "export": _export, "train": _train, "bench": _bench, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
-    if args.command in ("test", "simulate", "import", "info", "report", "bench", "calibrate"):
+    if args.command in ("test", "simulate", "import", "info", "report", "export", "bench", "calibrate"):
         importlib.import_module("distributed")  # its import sets its loggers' levels; ours go after
     for name in ("distributed", "nbdask"):
         logging.getLogger(name).setLevel(level)

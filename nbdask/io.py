@@ -78,6 +78,23 @@ def _is_store_failure(err: BaseException) -> bool:
         "botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp", "gcsfs", "adlfs", "obstore")
 
 
+def consolidate(store) -> None:
+    """Write the store's consolidated metadata, so ``xr.open_zarr(path)`` reads one document.
+
+    zarr warns that consolidated metadata is not yet part of the Zarr v3 spec; zarr-python and
+    xarray read it (and fall back without it), so the warning says nothing to nbdask's users.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store)
+
+
+def _consolidated(group) -> bool:
+    return group.metadata.consolidated_metadata is not None
+
+
 def _open_group(url: str, storage_options, mode: str = "r"):
     store = make_store(url, storage_options=storage_options, read_only=(mode == "r"))
     try:
@@ -138,7 +155,7 @@ def open_cube(url: str, *, chunks: Mapping[str, int] | None = None,
     _check_shapes(group, url)
     store = make_store(url, storage_options=storage_options, read_only=True)
     try:
-        ds = xr.open_zarr(store, chunks=dask_chunks, consolidated=False, zarr_format=3)
+        ds = xr.open_zarr(store, chunks=dask_chunks, consolidated=_consolidated(group), zarr_format=3)
     except ValueError as err:
         raise CubeError(f"{url}: cannot be read as one Dataset ({err}); its arrays disagree on "
                         f"dimension sizes") from None
@@ -243,6 +260,7 @@ def save_cube(cube: xr.Dataset, url: str, *, overwrite: bool = False,
     try:
         cube.to_zarr(store, mode="w", zarr_format=3, consolidated=False,
                      encoding=_encoding(cube, shards, CUBE_CODEC))
+        consolidate(store)
     except Exception as err:
         if not _is_store_failure(err):
             raise
@@ -340,6 +358,12 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     final.update(counts)
     final["wall_seconds"] = round(time.perf_counter() - start, 3)
     group.attrs.update(final)
+    # Consolidate while the store still says "incomplete": the root document keeps the
+    # consolidated metadata when its attributes change, so the completion marker below stays
+    # the last write, and a crash in between leaves a store open_results refuses (and --resume
+    # finishes).
+    consolidate(store)
+    group = _open_group(url, storage_options, "r+")
     group.attrs[STATUS_ATTR] = "complete"  # last: readers trust nothing before this
     logger.info("nbdask: wrote %s (%s tests)", url, final.get("n_tests"))
     return open_results(url, storage_options=storage_options)
@@ -600,7 +624,8 @@ def open_results(url: str, *, storage_options: Mapping | None = None,
                            f"failed or was interrupted); rerun `nbdask test ... --overwrite`")
     store = make_store(url, storage_options=storage_options, read_only=True)
     grid = _storage_grid(group["p_value"])
-    return xr.open_zarr(store, consolidated=False, zarr_format=3, drop_variables=[DONE_ARRAY],
+    return xr.open_zarr(store, consolidated=_consolidated(group), zarr_format=3,
+                        drop_variables=[DONE_ARRAY],
                         chunks={PERTURBATION: grid[0], FEATURE: grid[1]})
 
 

@@ -1,4 +1,9 @@
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,24 @@ def client():
                       dashboard_address=":0", memory_limit="3GiB",
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server (IAM auth on) on 127.0.0.1 (tests/s3server.py): endpoint, key, secret,
+    and the s3fs ``options`` that reach it."""
+    pytest.importorskip("moto")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3server.py"))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
+    try:
+        info = json.loads(proc.stdout.readline())
+        info["options"] = {"key": info["key"], "secret": info["secret"],
+                           "client_kwargs": {"endpoint_url": info["endpoint"]}}
+        yield info
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
 
 
 def make_cube(counts, size_factor, control_counts, control_size_factor):

@@ -2,11 +2,9 @@
 LocalCluster with worker processes, and the CLI."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +13,6 @@ import nbdask
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def s3():
-    proc = subprocess.Popen([sys.executable, str(HERE / "s3server.py")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost"})
-    try:
-        info = json.loads(proc.stdout.readline())
-        info["options"] = {"key": info["key"], "secret": info["secret"],
-                           "client_kwargs": {"endpoint_url": info["endpoint"]}}
-        yield info
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def cli(*args):

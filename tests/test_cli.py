@@ -1,0 +1,28 @@
+"""What `nbdask --version` and every `--help` show a person."""
+
+import pytest
+
+import nbdask
+from nbdask.cli import COMMANDS, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0 and out.out == f"nbdask {nbdask.__version__}\n" and out.err == ""
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_help_ends_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"] if command is None else [command, "--help"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0 and out.err == ""
+    lines = out.out.rstrip("\n").split("\n")
+    start = max(i for i, line in enumerate(lines) if line.startswith("example"))
+    example = [line for line in lines[start + 1:] if line.startswith("  nbdask ")]
+    assert example, out.out
+    if command is not None:
+        assert all(line.startswith(f"  nbdask {command}") for line in example)
+        assert lines[-1].startswith(("  nbdask", "      --")), lines[-1]
