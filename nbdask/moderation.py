@@ -149,17 +149,18 @@ def fit_trend(ev: Evidence) -> Trend:
     for index in np.array_split(order, bins):
         sub = ev.take(index)
         keep = np.ones(index.size, bool)
-        for _ in range(3):
+        limit = stats.chi2.ppf(TREND_OUTLIER_LEVEL, np.maximum(sub.dof, 1.0))
+        for screen in (True, True, False):  # two screening rounds, then the bin's estimate
             num, den = sub.numerator[keep].sum(), sub.denominator[keep].sum()
             phi = min(max(num / den, MIN_DISPERSION), MAX_DISPERSION) if den > 0 else MIN_DISPERSION
-            expected = sub.poisson + phi * np.maximum(sub.denominator, 0.0)
-            limit = stats.chi2.ppf(TREND_OUTLIER_LEVEL, np.maximum(sub.dof, 1.0))
-            keep = sub.dof * sub.variance / np.maximum(expected, 1e-300) <= limit
+            if screen:
+                expected = sub.poisson + phi * np.maximum(sub.denominator, 0.0)
+                keep = sub.dof * sub.variance / np.maximum(expected, 1e-300) <= limit
         c0, c1, c2, c3 = sub.moments4[:, keep].sum(axis=1)
-        var = (c0 + phi * (c1 + phi * (c2 + phi * c3))) / max(den, 1e-300) ** 2
+        var = (c0 + phi * (c1 + phi * (c2 + phi * c3))) / den ** 2 if den > 0 else 0.0
         centres.append(np.median(np.log(sub.mean)))
         values.append(np.log(phi))
-        weights.append(phi * phi / var if den > 0 and phi > MIN_DISPERSION and var > 0 else 0.0)
+        weights.append(phi * phi / var if phi > MIN_DISPERSION and var > 0 else 0.0)
     x, y, w = (np.asarray(v, dtype=np.float64) for v in (centres, values, weights))
     if not (w > 0).any():
         return Trend(x, y, w, np.full_like(y, np.log(0.1)), float(x[0]), float(x[-1]))

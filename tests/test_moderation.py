@@ -34,9 +34,8 @@ def per_feature_rates(p, mean, lo, hi):
     """Mean and SE of the rejection rate at 0.05 over the features of a mean-count bin (the
     comparisons of one feature share its control group and dispersion: features are the units)."""
     sel = (mean >= lo) & (mean < hi)
-    rej = np.where(np.isfinite(p[:, sel]), p[:, sel] < 0.05, np.nan)
-    rate = np.nanmean(rej, axis=0)
-    rate = rate[np.isfinite(rate)]
+    tested = np.isfinite(p[:, sel]).sum(axis=0)
+    rate = (np.where(np.isfinite(p[:, sel]), p[:, sel], 1.0) < 0.05).sum(axis=0)[tested > 0] / tested[tested > 0]
     return float(rate.mean()), float(rate.std(ddof=1) / math.sqrt(rate.size)), rate.size
 
 

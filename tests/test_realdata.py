@@ -24,7 +24,7 @@ import pytest
 import nbdask
 
 DATA = Path(__file__).parent / "fixtures" / "realdata"
-CONTRASTS = pd.read_csv(DATA / "contrasts.tsv", sep="\t").set_index("contrast")
+CONTRASTS = pd.read_csv(DATA / "contrasts.tsv", sep="\t", keep_default_na=False).set_index("contrast")
 SIZE_FACTORS = pd.read_csv(DATA / "size_factors.tsv", sep="\t")
 
 
