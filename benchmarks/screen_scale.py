@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-limit", default="8GiB")
     ap.add_argument("--method", default="mom")
     ap.add_argument("--dispersion", default="comparison")
+    ap.add_argument("--dispersion-prior", default="trend", choices=["trend", "none"])
+    ap.add_argument("--no-independent-filtering", dest="independent_filtering", action="store_false")
     ap.add_argument("--test", default="auto", choices=["auto", "exact", "wald"])
     ap.add_argument("--fdr-backend", default="auto", choices=["auto", "gather", "buckets"])
     ap.add_argument("--cupy", action="store_true",
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                 cube = nbdask.open_cube(str(cube_path))
                 res = nbdask.test(cube_to_device(cube) if args.cupy else cube, method=args.method,
                                   dispersion=args.dispersion, test=args.test,
+                                  dispersion_prior=args.dispersion_prior,
+                                  independent_filtering=args.independent_filtering,
                                   fdr_backend=args.fdr_backend)
                 if args.cupy:
                     res = results_to_host(res)
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nbdask screen-scale benchmark ({machine()}{', CuPy blocks' if args.cupy else ''}, "
               f"{args.workers} workers x "
               f"{args.threads_per_worker} threads x "
-              f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion}, test {args.test})")
+              f"{args.memory_limit}, method {args.method}, dispersion {args.dispersion}, "
+              f"prior {args.dispersion_prior}, filtering {args.independent_filtering}, test {args.test})")
         print(f"cube {args.perturbations} x {args.features} = {n:,} comparisons, "
               f"{args.replicates} vs {args.control_replicates} replicates, shards {args.shards}; "
               f"{du(str(cube_path)) / 1e9:.2f} GB on disk")
