@@ -177,7 +177,7 @@ def test_cli_irls_lrt_on_local_cluster(cube_path, tmp_path):
                 "--dispersion-fit",
                 "cox-reid", "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    from nbdask.kernels.fused import irls_fused
+    from nbdask.kernels.irls.fused import irls_fused
 
     res = nbdask.open_results(out)
     assert res.attrs["method"] == "irls" and res.attrs["dispersion_fit"] == "cox-reid"
