@@ -17,7 +17,7 @@ import zarr
 
 import nbdask
 from nbdask.cluster import local_cluster
-from nbdask.kernels.fused import mom_fused
+from nbdask.kernels.mom.fused import mom_fused
 from nbdask.kernels.mom import mom_kernel
 
 from _common import cached_cube, machine, statsmodels_fits, timer

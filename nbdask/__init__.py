@@ -21,7 +21,7 @@ _PUBLIC = {
     "CubeError": "errors", "NbdaskError": "errors", "OptionError": "errors",
     "ResultsError": "errors", "SourceError": "errors", "StoreError": "errors",
     "describe": "io", "open_cube": "io", "open_results": "io", "save_cube": "io",
-    "save_results": "io", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
+    "save_results": "writer", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
     "from_anndata": "importers.anndata", "from_table": "importers.table",
     "to_dataframe": "export", "export_hits": "export", "report_html": "report",
 }

@@ -359,9 +359,10 @@ def _info(args) -> int:
 
 def _test(args) -> int:
     from .cluster import compute_client
-    from .io import RESUME_COMPLETE, open_cube, open_results, results_status, save_results, stored_pooling
+    from .io import open_cube, open_results, results_status
     from .pipeline import test
     from .summary import summarize
+    from .writer import RESUME_COMPLETE, save_results, stored_pooling
 
     so = _storage_options(args.storage_option)
     start = time.perf_counter()

@@ -182,7 +182,7 @@ def _screen(xp, pearson, n_t, valid):
 
 
 def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor, screen):
-    """``feature_sums`` for NumPy blocks: the [P_b, G_b] work in numba loops (``kernels.fused``),
+    """``feature_sums`` for NumPy blocks: the [P_b, G_b] work in numba loops (``dispersion_fused``),
     the same sums without the array temporaries."""
     f64 = np.float64
     sf = np.asarray(size_factor, f64)
@@ -220,7 +220,7 @@ def _fused(xp):
     if not is_host(xp):
         return None
     try:
-        from .kernels import fused
+        from . import dispersion_fused as fused
     except ImportError:
         return None
     return fused

@@ -42,8 +42,6 @@ BACKENDS = ("auto", "gather", "buckets")
 #: Key bins: float64 bits >> SHIFT gives 2**(62 - SHIFT) bins over [0, 1], 256 per binade.
 SHIFT = 44
 N_KEYS = (0x3FF0000000000000 >> SHIFT) + 1
-#: Bucket id of a NaN position in the bucket path's ids (uint16: at most 65534 buckets).
-NAN_BUCKET = 65535
 #: Storey's lambda grid (R qvalue's default).
 LAMBDAS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 #: Bytes per p-value the gather path needs on its worker (p, order, sorted copies, q).
@@ -211,6 +209,8 @@ def _assemble(ids: np.ndarray, shape: tuple, carries: np.ndarray, *q_pieces) -> 
 def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):
     """Exact BH of a dask array through key buckets; lazy dask array chunked like ``p``."""
     import dask.array as da
+
+    from .fdr_fused import NAN_BUCKET
 
     stats = stats or counts(p)
     m = stats["m"]

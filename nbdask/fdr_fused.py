@@ -12,9 +12,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .fdr import NAN_BUCKET
-
 _jit = numba.njit(cache=True, nogil=True)
+#: Bucket id of a NaN position in the bucket path's ids (uint16: at most 65534 buckets).
+NAN_BUCKET = 65535
 
 
 @_jit

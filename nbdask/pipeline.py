@@ -121,7 +121,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
         or fewer than 2 replicates in a group) gets an ``NbdaskWarning``.
     pooled
         The per-feature variables an earlier pooling pass over this cube gave (e.g. read back by
-        ``nbdask.io.stored_pooling`` from an interrupted run's store), used instead of running
+        ``nbdask.writer.stored_pooling`` from an interrupted run's store), used instead of running
         the pass again; ignored with ``dispersion="comparison"``.
     check_counts
         Check every counts block for negative, non-integer and NaN values as it is processed

@@ -125,7 +125,7 @@ def test_matches_statsmodels_across_the_regime(regime):
 
 def test_full_precision_loglik_matches_statsmodels():
     """At float64 precision the fitted optimum equals statsmodels' to 1e-6 in log-likelihood."""
-    from nbdask.kernels.irls import _Group, fit_nb
+    from nbdask.kernels.irls.array import _Group, fit_nb
     import scipy.special as sp
 
     blocks = regime_blocks(seed=8)

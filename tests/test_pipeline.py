@@ -72,7 +72,7 @@ def test_end_to_end_on_local_cluster(cube_path, tmp_path, client):
 
 def test_fdr_pass_chunks():
     """Whole shards stacked along perturbation up to 2**24 values, keeping 4 chunks per thread."""
-    from nbdask.io import _fdr_grid
+    from nbdask.writer import _fdr_grid
 
     grid = {"perturbation": 2048, "feature": 2048}
     assert _fdr_grid(grid, (20000, 20000), 2) == {"perturbation": 8192, "feature": 2048}
@@ -177,7 +177,7 @@ def test_cli_irls_lrt_on_local_cluster(cube_path, tmp_path):
                 "--dispersion-fit",
                 "cox-reid", "--workers", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    from nbdask.kernels.fused import irls_fused
+    from nbdask.kernels.irls.fused import irls_fused
 
     res = nbdask.open_results(out)
     assert res.attrs["method"] == "irls" and res.attrs["dispersion_fit"] == "cox-reid"

@@ -252,8 +252,9 @@ def speed(ctx: Context) -> dict[str, pd.DataFrame]:
 
 
 def _pipeline_rows(cube, settings, ctx) -> list[dict]:
-    from ..io import open_cube, save_cube, save_results
+    from ..io import open_cube, save_cube
     from ..pipeline import test
+    from ..writer import save_results
 
     workers = len(ctx.client.scheduler_info().get("workers", {}))
     tmp = tempfile.mkdtemp(prefix="nbdask-bench-")

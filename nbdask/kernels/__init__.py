@@ -4,10 +4,18 @@
 control_size_factor[C], **options) -> dict[name, array[P_b, G_b]]``
 
 written once over the array namespace (NumPy or CuPy), without Python branching on data values.
+
+One package per computation, its forms side by side: ``mom/``, ``irls/`` and ``exact/`` each
+hold ``array.py`` (the definition, NumPy/CuPy) and ``fused.py`` (its numba twin for NumPy
+blocks); ``fused_common.py`` holds what the twins share. ``backend.py`` gives the array
+namespace, ``moments.py`` and ``wald.py`` are the array-API pieces the estimators share,
+``integrate.py`` averages a test over a dispersion posterior, ``transformer.py`` is the learned
+estimator.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 from ..errors import OptionError
@@ -27,7 +35,7 @@ class Method:
     tests: tuple[str, ...]
     outputs: tuple[str, ...] = _ESTIMATES
     options: dict = field(default_factory=dict)  # option name -> default
-    fused: str | None = None  # name of the numba twin in kernels.fused
+    fused: str | None = None  # the numba twin, "<module under kernels>.<function>"
     fused_pooled: bool = False  # the twin takes feature_dispersion / dispersion_spread too
 
     def select(self, engine: str, xp_is_host: bool):
@@ -36,21 +44,22 @@ class Method:
             if engine == "numba" and not xp_is_host:
                 raise OptionError("engine='numba' runs on NumPy arrays only; use engine='auto' for CuPy")
             return self.kernel
+        module, _, name = self.fused.rpartition(".")
         try:
-            from . import fused
+            twins = importlib.import_module(f".{module}", __name__)
         except ImportError as err:
             if engine == "numba":
                 raise OptionError(f"engine='numba' needs numba ({err}); pip install numba") from None
             return self.kernel
-        return getattr(fused, self.fused)
+        return getattr(twins, name)
 
 
 ENGINES = ("auto", "numba", "array")
 
 KERNELS = {
-    "mom": Method(mom_kernel, ("wald",), fused="mom_fused", fused_pooled=True),
+    "mom": Method(mom_kernel, ("wald",), fused="mom.fused.mom_fused", fused_pooled=True),
     "irls": Method(irls_kernel, ("wald", "lrt"), _ESTIMATES + ("converged", "iterations"),
-                   {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls_fused"),
+                   {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls.fused.irls_fused"),
     "transformer": Method(transformer_kernel, ("wald",), options={"weights": None}),
 }
 

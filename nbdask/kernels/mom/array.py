@@ -1,10 +1,11 @@
-"""Method-of-moments estimates with the Wald test (design §6), one source for NumPy and CuPy."""
+"""Method-of-moments estimates with the Wald test (design §6) over the array namespace: one
+source for NumPy and CuPy, and the definition that ``fused.py`` follows."""
 
 from __future__ import annotations
 
-from .backend import namespaces
-from .moments import block_moments, poisson_term
-from .wald import wald_outputs
+from ..backend import namespaces
+from ..moments import block_moments, poisson_term
+from ..wald import wald_outputs
 
 #: Floor of the shared dispersion estimate phi hat (DESeq2's minDisp).
 MIN_DISPERSION = 1e-8

@@ -1,21 +1,4 @@
-"""Batched maximum likelihood for the two-group NB2 GLM, with Wald and likelihood-ratio tests.
-
-Model: y_i ~ NB2(m_i, phi), log m_i = log l_i + mu + beta x_i, one phi per comparison. The
-design (intercept + group indicator) makes each group's log rate theta_g a free parameter
-(mu = theta_C, beta = theta_T - theta_C), so for fixed phi the groups decouple into 1-D concave
-problems. The dispersion alpha = log phi is fitted on the profile likelihood:
-
-* each iteration takes ``INNER_STEPS`` Newton steps for every theta_g at the current alpha,
-  then one Newton step for alpha on the profile (Schur complement of the observed Hessian,
-  exact because theta_g sits at its optimum), with a step bound that halves whenever the
-  profile gradient changes sign (a safeguarded Newton on a 1-D problem);
-* ``dispersion_fit="cox-reid"`` maximises the profile minus 1/2 log det(X'WX) instead
-  (W = m / (1 + phi m)), whose total derivative includes d theta_hat / d alpha;
-* comparisons whose profile score at phi = 0 is <= 0 have their maximum at the Poisson boundary
-  and are reported there (alpha = log MIN_DISPERSION) without iterating;
-* a group whose counts are all zero has no finite ML rate: its log rate is held at
-  MAX_LOG_FOLD_CHANGE below the other group's, ``converged`` is False, and its huge standard
-  error keeps the Wald p-value from being spuriously small.
+"""Batched maximum likelihood over the array namespace (NumPy, CuPy): the definition.
 
 Everything is vectorised over the block with masked updates; the only data-dependent branch is
 the early exit when every comparison has converged (checked every ``CHECK_EVERY`` iterations).
@@ -25,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from .backend import any_true, namespaces, trigamma
-from .mom import MIN_DISPERSION, mom_kernel
+from ..backend import any_true, namespaces, trigamma
+from ..mom import MIN_DISPERSION, mom_kernel
 
 #: Dispersion bounds of the fit (phi); the lower one is the reported Poisson limit.
 MAX_DISPERSION = 1e4
