@@ -35,7 +35,10 @@ estimate; with one it is flat, and the prior decides.
   TAIL_MASS on each side) into NODES cells of equal width in log phi, each node the cell's mean
   and its weight the cell's mass: a small p-value is dominated by the upper tail of the
   posterior (the largest dispersions give the largest p), which equal-probability quantiles
-  would cut off, making the tests' tails liberal (twice the nominal rate at p < 0.001).
+  would cut off, making the tests' tails liberal (twice the nominal rate at p < 0.001). A
+  feature with at least PLUG_IN_DOF degrees of freedom of its own (a screen of hundreds of
+  perturbations and more) gets one node, its posterior mean: averaging would cost NODES tests
+  per comparison and change no null rate there.
 
 Everything here is per feature (arrays of length G) and runs once on the client after the
 pooling pass: a few seconds for 60,000 features.
@@ -56,6 +59,13 @@ from .kernels.mom import MIN_DISPERSION
 #: mass left out beyond the outermost cells on each side.
 NODES = 16
 TAIL_MASS = 1e-9
+#: Evidence (sum of n - 1 over the feature's groups) from which a feature's p-values are taken at
+#: its posterior mean instead of averaged over the nodes: its posterior is then narrow where the
+#: tests are sensitive to phi, and the average moves no null rate (measured on trended cubes of
+#: 3 vs 3 replicates: the plug-in's rate at p < 0.001 is 1.3x the level at 200 degrees of
+#: freedom, 1.2x at 600, and equals the averaged one and the oracle's at 2,000). A screen of
+#: thousands of perturbations then costs what a plug-in test costs.
+PLUG_IN_DOF = 1000
 #: Grid of log phi relative to the trend, for the prior fit and the posteriors.
 OFFSETS = np.linspace(-10.0, 8.0, 145)
 #: Degrees of freedom the prior's Student t may take (inf: normal).
@@ -263,6 +273,8 @@ def posterior(ev: Evidence, log_trend, nu, prior: Prior):
             m[sharp] = (wf * fine).sum(axis=1)
             s[sharp] = np.sqrt(np.maximum((wf * (fine - m[sharp, None]) ** 2).sum(axis=1), 0.0))
             q[sharp], qw[sharp] = _cells(fine, wf, NODES)
+        plug_in = np.flatnonzero(sub.dof >= PLUG_IN_DOF)
+        q[plug_in], qw[plug_in] = m[plug_in, None], np.eye(1, NODES)[0]
         mean[part], sd[part], nodes[part], node_weights[part] = m, s, q, qw
     return mean, sd, nodes, node_weights
 

@@ -14,6 +14,7 @@ from nbdask.bench.generator import TREND, TREND_SCATTER, trended_cube
 from nbdask.dispersion import feature_dispersion
 from nbdask.kernels.exact import conditional_outputs
 from nbdask.kernels.mom import DISPERSION_CEILING, mom_kernel
+from nbdask.moderation import PLUG_IN_DOF
 
 from conftest import make_cube
 
@@ -161,6 +162,19 @@ def test_the_exact_test_never_turns_a_large_dispersion_into_a_small_p():
         assert ps[-1] > 0.2
 
 
+def wald_average(nodes, weights, mu, beta, sf, csf):
+    """The Wald p [P, G] averaged over nodes [G, K] with weights [G, K], from the estimates mu,
+    beta [P, G] and size factors sf [P, R], csf [R_c] (expected information, scipy's normal)."""
+    expected = np.zeros_like(mu)
+    for j in range(nodes.shape[1]):
+        phi = np.exp(nodes[:, j])[None, :, None]
+        mc = np.exp(mu)[..., None] * csf[None, None, :]
+        mt = np.exp(mu + beta)[..., None] * sf[:, None, :]
+        se = np.sqrt(1 / np.sum(mc / (1 + phi * mc), -1) + 1 / np.nansum(mt / (1 + phi * mt), -1))
+        expected += weights[None, :, j] * 2 * stats.norm.sf(np.abs(beta) / se)
+    return expected
+
+
 def test_posterior_averaged_p_matches_direct_integration():
     """On one bulk comparison, the p-value equals the Wald p averaged over the posterior nodes
     with their weights, computed here from the stored nodes (scipy's normal; expected
@@ -168,22 +182,43 @@ def test_posterior_averaged_p_matches_direct_integration():
     cube = trended_cube(np.random.default_rng(9), perturbations=1, features=3000, replicates=3,
                         control_replicates=3)
     res = nbdask.test(cube, fdr="none", test="wald")
-    nodes = res["feature_dispersion_nodes"].values.astype(float)
     y, sf, yc, csf = cube_arrays(cube)
-    mu = res["log_base_mean"].values[0].astype(float)
-    beta = res["log_fold_change"].values[0].astype(float)
-    centre = res["feature_log_dispersion"].values.astype(float)
-    weights = res["feature_dispersion_weights"].values
-    expected = np.zeros_like(mu)
-    for j in range(nodes.shape[1]):
-        phi = np.exp(nodes[:, j])[:, None]
-        mc = np.exp(mu)[:, None] * csf[None, :]
-        mt = np.exp(mu + beta)[:, None] * sf[0][None, :]
-        se = np.sqrt(1 / np.sum(mc / (1 + phi * mc), 1) + 1 / np.sum(mt / (1 + phi * mt), 1))
-        expected += weights[:, j] * 2 * stats.norm.sf(np.abs(beta) / se)
+    mu = res["log_base_mean"].values.astype(float)
+    beta = res["log_fold_change"].values.astype(float)
+    expected = wald_average(res["feature_dispersion_nodes"].values.astype(float),
+                            res["feature_dispersion_weights"].values, mu, beta, sf, csf)[0]
     got = res["p_value"].values[0]
     ok = np.isfinite(got) & (yc.sum(1) + y[0].sum(1) > 100)
     np.testing.assert_allclose(got[ok], expected[ok], rtol=2e-5)
+
+
+def test_well_evidenced_features_are_tested_at_their_posterior_mean():
+    """600 perturbations of 3 vs 3, means 0.05-50: a feature with at least PLUG_IN_DOF degrees
+    of freedom (sum of n - 1 over its groups with two present replicates and a nonzero mean,
+    counted here from the counts) has one node, its posterior mean, and its p-values are the
+    plug-in Wald test there; the others (sparse features) keep their spread nodes and the
+    averaged p. Both against scipy, in one block where both kinds of feature are mixed."""
+    cube = nbdask.simulate(perturbations=600, features=120, replicates=3, control_replicates=3,
+                           base_mean=(0.02, 50), seed=12, chunks=600).load()
+    res = nbdask.test(cube, fdr="none", test="wald")
+    y, sf, yc, csf = cube_arrays(cube)
+    groups_t = (np.isfinite(sf).sum(1)[:, None] - 1) * (np.nansum(y, -1) > 0)
+    dof = groups_t.sum(0) + (yc.shape[1] - 1) * (yc.sum(1) > 0)
+    nodes = res["feature_dispersion_nodes"].values.astype(float)
+    weights = res["feature_dispersion_weights"].values
+    plug_in = dof >= PLUG_IN_DOF
+    print(f"\n{plug_in.sum()} of {plug_in.size} features at the plug-in (dof {dof.min()}-{dof.max()})")
+    assert 0 < plug_in.sum() < plug_in.size
+    np.testing.assert_array_equal(weights[plug_in, 0], 1.0)
+    assert np.all(np.ptp(nodes[~plug_in], axis=1) > 0.01)
+    centre = res["feature_log_dispersion"].values.astype(float)
+    np.testing.assert_allclose(nodes[plug_in, 0], centre[plug_in], rtol=1e-5, atol=1e-5)
+    mu = res["log_base_mean"].values.astype(float)
+    beta = res["log_fold_change"].values.astype(float)
+    expected = wald_average(nodes, weights, mu, beta, sf, csf)
+    got = res["p_value"].values
+    ok = np.isfinite(got) & (expected > 1e-12)
+    np.testing.assert_allclose(got[ok], expected[ok], rtol=1e-4)
 
 
 def test_filter_rejections_match_bh_at_each_threshold():

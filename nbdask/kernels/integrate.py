@@ -18,6 +18,8 @@ from .backend import host_scalar, namespaces
 from .exact import conditional_outputs
 from .wald import wald_test, weight_sum
 
+#: The kernel outputs the average reads.
+_USED = ("log_dispersion", "log_base_mean", "log_fold_change", "p_value", "statistic")
 #: Nodes closer than this (log dispersion) to the centre count as one point.
 SHARP = 1e-6
 
@@ -32,13 +34,27 @@ def integrated_outputs(out, counts, size_factor, control_counts, control_size_fa
     design §6 (expected information at the kernel's mu and beta) runs, replaced by the
     conditional exact test where ``test`` ("exact" or "auto") applies it; ``p_value`` becomes
     the weighted mean over the nodes and ``statistic`` the signed normal quantile with that p.
-    Untestable comparisons stay NaN.
+    Untestable comparisons stay NaN. Features whose nodes all sit at the centre (within SHARP;
+    ``moderation.PLUG_IN_DOF``) keep the kernel's test; only the others are evaluated.
     """
     xp, special = namespaces(counts)
     offsets = xp.asarray(offsets, dtype=xp.float64)
     weights = xp.asarray(weights, dtype=xp.float64)
-    if not host_scalar(xp.max(xp.abs(offsets) * xp.astype(weights > 0, xp.float64))) > SHARP:
+    spread = xp.max(xp.abs(offsets) * xp.astype(weights > 0, xp.float64), axis=-1) > SHARP
+    n_spread = int(host_scalar(xp.sum(xp.astype(spread, xp.int64))))
+    if n_spread == 0:
         return out
+    if n_spread < spread.shape[0]:
+        # Only features with a spread posterior pay for the nodes (in a screen, the sparse ones).
+        cols = xp.nonzero(spread)[0]
+        sub = integrated_outputs(
+            {k: xp.take(out[k], cols, axis=1) for k in _USED}, xp.take(counts, cols, axis=1),
+            size_factor, xp.take(control_counts, cols, axis=0), control_size_factor,
+            xp.take(offsets, cols, axis=0), xp.take(weights, cols, axis=0), test=test, engine=engine)
+        # Scatter back by gathering: full column g reads sub column (spread[:g].sum()).
+        at = xp.clip(xp.cumulative_sum(xp.astype(spread, xp.int64)) - 1, 0, n_spread - 1)
+        return {**out, **{k: xp.where(spread[None, :], xp.take(sub[k], at, axis=1), out[k])
+                          for k in ("p_value", "statistic")}}
     f64 = xp.float64
     centre = xp.astype(out["log_dispersion"], f64)
     mu = xp.astype(out["log_base_mean"], f64)
