@@ -17,6 +17,7 @@ import nbdask
 from nbdask import dispersion
 from nbdask.errors import NbdaskWarning
 from nbdask.kernels import backend, exact, irls, mom, transformer, wald
+from nbdask.kernels.integrate import integrated_outputs
 from conftest import edge_case_cube
 from test_exact import random_block
 
@@ -134,6 +135,27 @@ def test_exact(syncs, test):
     assert_same(got, want)
     assert set(syncs) <= {"_walk", "conditional_outputs"}
     assert syncs["conditional_outputs"] == (test == "exact")  # the walk's length from the largest total
+
+
+def test_posterior_average_over_mixed_features(syncs):
+    """The p averaged over posterior nodes, on a block where some features have one node (the
+    plug-in) and the others spread ones: the columns are chosen on the host, no device array
+    takes a data-dependent shape."""
+    counts, sf, control, csf = random_block(5, mean=2.0)
+    g = counts.shape[1]
+    rng = np.random.default_rng(3)
+    offsets = np.sort(rng.normal(0, 0.4, (g, 6)), axis=1)
+    weights = rng.dirichlet(np.ones(6), g)
+    offsets[::2], weights[::2] = 0.0, np.eye(1, 6)[0]
+    base = mom.mom_kernel(counts, sf, control, csf)
+    want = integrated_outputs(base, counts, sf, control, csf, offsets, weights, test="auto",
+                              engine="array")
+    assert not np.array_equal(want["p_value"][:, 1::2], base["p_value"][:, 1::2])
+    np.testing.assert_array_equal(want["p_value"][:, ::2], base["p_value"][:, ::2])
+    on = on_device(counts, sf, control, csf)
+    got = integrated_outputs(dict(zip(base, on_device(*base.values()))), *on, offsets, weights,
+                             test="auto", engine="array")
+    assert_same(got, want)
 
 
 def test_pooling_sums_and_combine(syncs, monkeypatch):

@@ -14,7 +14,10 @@ nodes coincide and nothing changes.
 
 from __future__ import annotations
 
-from .backend import host_scalar, namespaces
+import numpy as np
+from array_api_compat import device
+
+from .backend import namespaces, to_host
 from .exact import conditional_outputs
 from .wald import wald_test, weight_sum
 
@@ -38,23 +41,28 @@ def integrated_outputs(out, counts, size_factor, control_counts, control_size_fa
     ``moderation.PLUG_IN_DOF``) keep the kernel's test; only the others are evaluated.
     """
     xp, special = namespaces(counts)
-    offsets = xp.asarray(offsets, dtype=xp.float64)
-    weights = xp.asarray(weights, dtype=xp.float64)
-    spread = xp.max(xp.abs(offsets) * xp.astype(weights > 0, xp.float64), axis=-1) > SHARP
-    n_spread = int(host_scalar(xp.sum(xp.astype(spread, xp.int64))))
-    if n_spread == 0:
+    # Which features have spread nodes is decided on the host: the nodes are [G_b, K] side
+    # inputs, and a device array would need a data-dependent shape (nonzero) to say it.
+    host_offsets, host_weights = to_host(offsets), to_host(weights)
+    spread = np.max(np.abs(host_offsets) * (host_weights > 0), axis=-1) > SHARP
+    cols = np.flatnonzero(spread)
+    if cols.size == 0:
         return out
-    if n_spread < spread.shape[0]:
+    if cols.size < spread.size:
         # Only features with a spread posterior pay for the nodes (in a screen, the sparse ones).
-        cols = xp.nonzero(spread)[0]
+        dev = device(counts)
+        take = xp.asarray(cols, device=dev)
         sub = integrated_outputs(
-            {k: xp.take(out[k], cols, axis=1) for k in _USED}, xp.take(counts, cols, axis=1),
-            size_factor, xp.take(control_counts, cols, axis=0), control_size_factor,
-            xp.take(offsets, cols, axis=0), xp.take(weights, cols, axis=0), test=test, engine=engine)
+            {k: xp.take(out[k], take, axis=1) for k in _USED}, xp.take(counts, take, axis=1),
+            size_factor, xp.take(control_counts, take, axis=0), control_size_factor,
+            host_offsets[cols], host_weights[cols], test=test, engine=engine)
         # Scatter back by gathering: full column g reads sub column (spread[:g].sum()).
-        at = xp.clip(xp.cumulative_sum(xp.astype(spread, xp.int64)) - 1, 0, n_spread - 1)
-        return {**out, **{k: xp.where(spread[None, :], xp.take(sub[k], at, axis=1), out[k])
+        at = xp.asarray(np.clip(np.cumsum(spread) - 1, 0, cols.size - 1), device=dev)
+        mask = xp.asarray(spread, device=dev)[None, :]
+        return {**out, **{k: xp.where(mask, xp.take(sub[k], at, axis=1), out[k])
                           for k in ("p_value", "statistic")}}
+    offsets = xp.asarray(host_offsets, dtype=xp.float64, device=device(counts))
+    weights = xp.asarray(host_weights, dtype=xp.float64, device=device(counts))
     f64 = xp.float64
     centre = xp.astype(out["log_dispersion"], f64)
     mu = xp.astype(out["log_base_mean"], f64)
