@@ -112,13 +112,17 @@ def metrics_table(table: pd.DataFrame, methods: dict[str, tuple[str, str]]) -> p
     return pd.DataFrame(rows)
 
 
-def measure(table: pd.DataFrame, **options) -> dict[str, pd.DataFrame]:
-    """nbdask with ``options`` beside the references: ``metrics_table`` over every comparison
-    ("all") and over the features edgeR's ``filterByExpr`` keeps ("kept", where every tool gives a
-    p-value), indexed by (design, method)."""
-    ours = pd.concat([nbdask_columns(name, **options) for name in EXPERIMENTS.index])
-    table = table.join(ours.rename(columns={"p": "nbdask_p", "q": "nbdask_q"}))
-    methods = {"nbdask": ("nbdask_p", "nbdask_q"), **REFERENCES}
+def measure(table: pd.DataFrame, settings: dict[str, dict]) -> dict[str, pd.DataFrame]:
+    """nbdask under each of ``settings`` (label -> options of ``nbdask.test``) beside the references:
+    ``metrics_table`` over every comparison ("all") and over the features edgeR's ``filterByExpr``
+    keeps ("kept", where every tool gives a p-value), indexed by (design, method); "table": the
+    comparisons with nbdask's p- and q-values as ``<label>_p``/``<label>_q``."""
+    methods = {}
+    for label, options in settings.items():
+        ours = pd.concat([nbdask_columns(name, **options) for name in EXPERIMENTS.index])
+        table = table.join(ours.add_prefix(f"{label}_"))
+        methods[label] = (f"{label}_p", f"{label}_q")
+    methods.update(REFERENCES)
     kept = table["edger_ql_pvalue"].notna()
     return {"all": metrics_table(table, methods).set_index(["design", "method"]),
             "kept": metrics_table(table[kept], methods).set_index(["design", "method"]),
@@ -127,7 +131,7 @@ def measure(table: pd.DataFrame, **options) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def default():
-    return measure(comparisons())
+    return measure(comparisons(), {"nbdask": {}})
 
 
 def _null_rate_bins(table):
@@ -166,7 +170,7 @@ def test_null_rate_holds_its_level_and_fdp_its_bound(design, default):
 
 def test_the_claims_fail_without_the_trend_prior():
     """The previous default (no borrowing across features) breaks the level on the bulk designs."""
-    m = measure(comparisons(), dispersion_prior="none")["all"]
+    m = measure(comparisons(), {"nbdask": {"dispersion_prior": "none"}})["all"]
     for design in ("bulk_2v2", "bulk_3v3"):
         row = m.loc[(design, "nbdask")]
         assert row["fpr3"] > BAND[1] + 2 * row["fpr3_se"]
