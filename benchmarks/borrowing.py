@@ -11,7 +11,14 @@ log-normal scatter 0.8, median-of-ratios size factors): per design, the null rat
 p < 0.001 over features with mean >= 3 counts (as a multiple of the level), the same for the
 exact test at the true dispersion (oracle), and the FDP and power at q < 0.1 with 10% effects.
 
-    python benchmarks/borrowing.py [--features 20000] [--seeds 2]
+Part 3, the committed simulated cubes beside DESeq2 and edgeR (tests/fixtures/simulated: trended
+cubes, bulk 2v2/3v3/5v5 and 10 perturbations x 3v3, two seeds each, every tool given the same size
+factors): per design, the null rate at p < 0.05 over all null comparisons and over those with a
+true mean >= 3 counts (with SEs clustered by feature), the power at a matched FPR of 0.05 (each
+method's own 5% quantile of its null p-values; a missing p-value is not a rejection) over every
+comparison and over the features edgeR's filterByExpr keeps, and the FDP and power at q < 0.1.
+
+    python benchmarks/borrowing.py [--features 20000] [--seeds 2] [--parts 1,2,3]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from nbdask.kernels.mom import mom_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_realdata import CONTRASTS, DATA, contrast_cube  # noqa: E402
+from test_simulated_reference import comparisons, measure  # noqa: E402
 
 from _common import machine  # noqa: E402
 
@@ -93,17 +101,33 @@ def simulations(features: int, seeds: int) -> None:
             print(f"{design:<14}{label:<26}{v[0]:>12.2f}{v[1]:>15.2f}{fdp:>10}{power:>8}", flush=True)
 
 
+def references_on_simulations() -> None:
+    m = measure(comparisons(), {f"nbdask {k}": v for k, v in SETTINGS.items()})
+    kept = m["kept"]["power_matched"]
+    print(f"\n{'design':<15}{'method':<32}{'FPR .05 (all)':>16}{'FPR .05 (mean>=3)':>19}"
+          f"{'power@FPR.05':>14}{'(edgeR kept)':>14}{'FDP q<.1':>16}{'power q<.1':>12}")
+    for (design, method), r in m["all"].iterrows():
+        print(f"{design:<15}{method:<32}{r['fpr']:>9.4f} ±{r['fpr_se']:.4f}{r['fpr3']:>12.4f} ±{r['fpr3_se']:.4f}"
+              f"{r['power_matched']:>14.3f}{kept[(design, method)]:>14.3f}{r['fdp']:>9.3f} ±{r['fdp_se']:.3f}"
+              f"{r['power']:>12.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--features", type=int, default=20000, help="features of the bulk designs")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-real", action="store_true", help="leave part 1 out (as --parts 2,3)")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3")
     args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",")} - ({1} if args.skip_real else set())
     print(f"nbdask dispersion borrowing benchmark ({machine()})")
     start = time.perf_counter()
-    if not args.skip_real:
+    if 1 in parts:
         real_data()
-    simulations(args.features, args.seeds)
+    if 2 in parts:
+        simulations(args.features, args.seeds)
+    if 3 in parts:
+        references_on_simulations()
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 
