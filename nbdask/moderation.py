@@ -220,7 +220,12 @@ def fit_prior(ev: Evidence, log_trend, nu) -> Prior:
 
     def nll(params, df):
         weights = np.exp(_log_prior(OFFSETS, params[0], max(math.exp(params[1]), 0.05), df))
-        return -np.sum(np.log(np.maximum(likelihood @ (weights / weights.sum()), 1e-300)))
+        total = weights.sum()
+        if not total > 0:  # a shift the search tried far off the grid
+            return math.inf
+        # einsum, not @: a BLAS gemv spreads this small product over threads that the workers'
+        # (or a test suite's) processes already hold, and ran 8x slower on two busy cores.
+        return -np.sum(np.log(np.maximum(np.einsum("ij,j->i", likelihood, weights / total), 1e-300)))
 
     best = None
     for df in PRIOR_DFS:
