@@ -50,10 +50,11 @@ def nbdask_main(capsys, caplog):
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3():
     """A moto S3 server (IAM auth on) on 127.0.0.1 (tests/s3server.py): endpoint, key, secret,
-    and the s3fs ``options`` that reach it."""
+    and the s3fs ``options`` that reach it. One for the session (moto and boto3 take seconds
+    to import): each test writes stores of its own names into the bucket ``nbdask``."""
     pytest.importorskip("moto")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3server.py"))],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
