@@ -22,10 +22,39 @@ def client():
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def nbdask_main(capsys, caplog):
+    """``nbdask ARGS`` run in this process through ``nbdask.cli.main``: (exit code, stdout, stderr).
+
+    For the cases where the process around the CLI does not matter (bad input found before a
+    cluster starts); each command keeps a subprocess case of its own. Log records nbdask emits at
+    WARNING or above (the console script prints them as "name: message") count as stderr, and
+    the logger levels main() sets are restored after.
+    """
+    from nbdask.cli import main
+
+    def run(*args):
+        levels = {name: logging.getLogger(name).level for name in ("distributed", "nbdask")}
+        capsys.readouterr()
+        caplog.clear()
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+        out, err = capsys.readouterr()
+        logged = "".join(f"{r.name}: {r.getMessage()}\n" for r in caplog.records
+                         if r.levelno >= logging.WARNING and r.name.startswith("nbdask"))
+        return code, out, err + logged
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def s3():
     """A moto S3 server (IAM auth on) on 127.0.0.1 (tests/s3server.py): endpoint, key, secret,
-    and the s3fs ``options`` that reach it."""
+    and the s3fs ``options`` that reach it. One for the session (moto and boto3 take seconds
+    to import): each test writes stores of its own names into the bucket ``nbdask``."""
     pytest.importorskip("moto")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3server.py"))],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -25,12 +25,15 @@ def option_flags(options):
             "--storage-option", "client_kwargs=" + json.dumps(options["client_kwargs"])]
 
 
-def test_cli_round_trip_through_s3_equals_local_disk(s3, tmp_path):
+def test_cli_round_trip_through_s3_equals_local_disk(s3, client, tmp_path):
+    """The CLI's own LocalCluster is tested elsewhere (test_pipeline.py, test_cluster.py): this
+    run goes to the session's cluster, whose worker processes get the credentials as a user's
+    scheduler would."""
     cube = nbdask.simulate(perturbations=40, features=32, seed=3, chunks=16)
     nbdask.save_cube(cube, "s3://nbdask/cube.zarr", storage_options=s3["options"], overwrite=True)
     flags = option_flags(s3["options"])
-    r = cli("test", "s3://nbdask/cube.zarr", "s3://nbdask/results.zarr", "--workers", "2",
-            "--dispersion", "comparison",
+    r = cli("test", "s3://nbdask/cube.zarr", "s3://nbdask/results.zarr", "--scheduler",
+            client.scheduler.address, "--dispersion", "comparison",
             "--no-progress", "--overwrite", *flags)
     assert r.returncode == 0, r.stderr
     assert s3["secret"] not in r.stdout + r.stderr and s3["key"] not in r.stdout + r.stderr

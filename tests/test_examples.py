@@ -21,7 +21,8 @@ def run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_quickstart(tmp_path):
-    r = run("quickstart.py", "--out", str(tmp_path), "--perturbations", "48", "--features", "40")
+    r = run("quickstart.py", "--out", str(tmp_path), "--perturbations", "48", "--features", "40",
+            "--workers", "1")
     assert "1,920 comparisons" in r.stdout and f"report: {tmp_path / 'report.html'}" in r.stdout
     hits = pd.read_parquet(tmp_path / "hits.parquet")
     assert len(hits) > 0 and (hits["q_value"] <= 0.1).all()
@@ -32,7 +33,8 @@ def test_quickstart(tmp_path):
 def test_s3_against_a_local_moto_server(s3):
     pytest.importorskip("s3fs")
     r = run("s3.py", "--bucket", "nbdask", "--prefix", "example", "--endpoint", s3["endpoint"],
-            "--key", s3["key"], "--secret", s3["secret"], "--perturbations", "32", "--features", "32")
+            "--key", s3["key"], "--secret", s3["secret"], "--perturbations", "32", "--features", "32",
+            "--workers", "1")
     assert r.stdout.startswith("s3://nbdask/example/results.zarr: 1,024 tested")
     assert s3["secret"] not in r.stdout + r.stderr
 

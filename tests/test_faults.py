@@ -31,15 +31,19 @@ def wait_for(path: Path, timeout=60):
     return json.loads(path.read_text())
 
 
-def stop(procs):
+def stop(procs, grace=3.0):
+    """SIGTERM, then SIGKILL what is still running after ``grace`` seconds: a dask worker whose
+    scheduler goes down with it (or is gone) can take 20 s and more to exit on its own."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
+    deadline = time.time() + grace
     for p in procs:
         try:
-            p.wait(timeout=20)
+            p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
 
 
 def dask_cli(*args):
@@ -57,39 +61,61 @@ def scheduler(tmp_path):
     stop(procs)
 
 
-def test_job_survives_a_killed_worker(scheduler, tmp_path):
+#: The slow array-API IRLS kernel keeps a run of N_BLOCKS blocks going for several seconds.
+IRLS = ["--method", "irls", "--engine", "array", "--dispersion", "comparison"]
+N_BLOCKS = 16
+
+
+@pytest.fixture(scope="module")
+def irls_cube(tmp_path_factory):
+    """A cube of 4 x 4 blocks and its IRLS results computed in memory here: (path, reference)."""
+    path = str(tmp_path_factory.mktemp("faults") / "cube.zarr")
+    nbdask.save_cube(nbdask.simulate(perturbations=160, features=160, seed=4, chunks=40), path)
+    reference = nbdask.test(nbdask.open_cube(path).load(), method="irls", engine="array",
+                            dispersion="comparison")
+    return path, reference
+
+
+def ticked_blocks(out: str) -> int:
+    """Blocks the run writing results store ``out`` has finished (0 before it has a record)."""
+    import zarr
+
+    if not (Path(out) / "nbdask_done_blocks" / "zarr.json").exists():
+        return 0
+    return int(zarr.open_group(out, mode="r")["nbdask_done_blocks"][:].sum())
+
+
+def wait_for_blocks(out: str, n: int, job, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while ticked_blocks(out) < n:
+        assert job.poll() is None, "the job ended before it wrote %d blocks" % n
+        assert time.time() < deadline, f"no {n} blocks written in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_job_survives_a_killed_worker(scheduler, irls_cube, tmp_path):
     address, procs, sched_file = scheduler
     workers = [start(dask_cli("worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
                               "--no-nanny", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"))
                for _ in range(2)]
     procs.extend(workers)
-    cube = nbdask.simulate(perturbations=240, features=240, seed=4, chunks=40)
-    cube_path = str(tmp_path / "cube.zarr")
-    nbdask.save_cube(cube, cube_path)
-    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array",
-                            dispersion="comparison")
+    cube_path, reference = irls_cube
+    out = str(tmp_path / "r.zarr")
     from distributed import Client
 
     with Client(address, timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
-        job = subprocess.Popen([sys.executable, "-m", "nbdask.cli", "test", cube_path,
-                                str(tmp_path / "r.zarr"), "--scheduler", address, "--method", "irls",
-                                "--engine", "array", "--dispersion", "comparison", "--no-progress"],
+        job = subprocess.Popen([sys.executable, "-m", "nbdask.cli", "test", cube_path, out,
+                                "--scheduler", address, *IRLS, "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # wait until the job is under way, then kill one worker process outright
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            processing = client.processing()
-            if sum(len(v) for v in processing.values()) > 0:
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)
-        assert job.poll() is None, "the job finished before a worker could be killed"
+        # once the job has written a block, kill one worker process outright
+        wait_for_blocks(out, 1, job)
         os.kill(workers[0].pid, signal.SIGKILL)
-        out, err = job.communicate(timeout=300)
+        assert ticked_blocks(out) < N_BLOCKS, "the job finished before a worker could be killed"
+        out_text, err = job.communicate(timeout=300)
         assert job.returncode == 0, err
         assert len(client.scheduler_info()["workers"]) == 1
-    res = nbdask.open_results(str(tmp_path / "r.zarr"))
+    res = nbdask.open_results(out)
     for name in ("log_fold_change", "log_dispersion", "p_value", "q_value", "converged"):
         np.testing.assert_array_equal(res[name].values, reference[name].values, err_msg=name)
 
@@ -135,39 +161,29 @@ def test_tls_only_cluster(tmp_path):
         stop(procs)
 
 
-def test_killed_client_leaves_an_incomplete_store_that_resumes(client, tmp_path):
+def test_killed_client_leaves_an_incomplete_store_that_resumes(client, irls_cube, tmp_path):
     """Kill the CLI mid-write (SIGKILL): the store is visibly incomplete; --resume computes only
     the blocks not yet ticked, finalises, and equals an uninterrupted run."""
     import zarr
 
-    cube = nbdask.simulate(perturbations=240, features=240, seed=6, chunks=40)
-    cube_path, out = str(tmp_path / "cube.zarr"), str(tmp_path / "r.zarr")
-    nbdask.save_cube(cube, cube_path)
+    cube_path, reference = irls_cube
+    out = str(tmp_path / "r.zarr")
     args = [sys.executable, "-m", "nbdask.cli", "test", cube_path, out, "--scheduler",
-            client.scheduler.address, "--method", "irls", "--engine", "array", "--dispersion",
-            "comparison", "--no-progress"]
+            client.scheduler.address, *IRLS, "--no-progress"]
     job = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_path = Path(out) / "nbdask_done_blocks"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if done_path.exists():
-            done = zarr.open_group(out, mode="r")["nbdask_done_blocks"][:]
-            if done.sum() >= 3:
-                break
-        time.sleep(0.05)
+    wait_for_blocks(out, 3, job)
     os.kill(job.pid, signal.SIGKILL)
     job.wait()
     group = zarr.open_group(out, mode="r")
     ticked = int(group["nbdask_done_blocks"][:].sum())
-    assert group.attrs["nbdask_status"] == "incomplete" and 3 <= ticked < 36
+    assert group.attrs["nbdask_status"] == "incomplete" and 3 <= ticked < N_BLOCKS
     with pytest.raises(nbdask.ResultsError, match="not complete"):
         nbdask.open_results(out)
     time.sleep(1.0)  # let the scheduler release the dead client's tasks
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = nbdask.open_results(out)
-    assert res.attrs["resumed_blocks"] <= 36 - ticked + 2  # blocks in flight at the kill may be redone
-    reference = nbdask.test(nbdask.open_cube(cube_path).load(), method="irls", engine="array",
-                            dispersion="comparison")
+    # blocks in flight at the kill may be redone
+    assert res.attrs["resumed_blocks"] <= N_BLOCKS - ticked + 2
     for name in ("log_fold_change", "p_value", "q_value", "iterations"):
         np.testing.assert_array_equal(res[name].values, reference[name].values, err_msg=name)

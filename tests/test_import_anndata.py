@@ -254,7 +254,9 @@ def _cli(*args):
 NANNY = "distributed.nanny: Worker process still alive after"
 
 
-def test_every_import_error_is_one_line_with_its_fix(tmp_path):
+def test_every_import_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
+    """The cases found on the workers mid-run, and one found before a cluster starts, through
+    the console's process (its whole stderr); the other cases through the CLI's main() here."""
     adata = synthetic(n_cells=600)
     x = adata.X.toarray()
     adata.layers["normalised"] = x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e4
@@ -275,22 +277,13 @@ def test_every_import_error_is_one_line_with_its_fix(tmp_path):
     (done / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
     base = ["import", "anndata", h5ad, tmp_path / "out.zarr", "--sample-key", "donor"]
     ok = ["--perturbation-key", "guide", "--control", "NTC-1", "--control", "NTC-2"]
-    cases = {
-        "missing key": (base + ["--perturbation-key", "sgRNA", "--control", "NTC-1"],
-                        "perturbation_key='sgRNA': not a column of", "pass the obs column"),
+    in_process = {
         "control absent": (base + ["--perturbation-key", "guide", "--control", "NTC"],
                            "control: 'NTC' is not a value of 'guide'", "--control NTC-1"),
         "control in no sample": (
             ["import", "anndata", h5ad, tmp_path / "out.zarr", "--sample-key", "donor_of_treated",
              *ok], "have no 'donor_of_treated' label, so they are present in no sample",
             "label them with their sample"),
-        "non-integer": (base + ok + ["--layer", "normalised"],
-                        "non-integer value(s), e.g. ", "pass raw integer counts"),
-        "negative, in a later chunk": (
-            base + ok + ["--layer", "negative", "--chunk-cells", "100", "--workers", "1",
-                         "--no-progress"],
-            "1 negative value(s), e.g. -1 at cell 450 (0-based row), feature 'gene3'",
-            "pass raw integer counts"),
         "fewer than 2 controls": (base + ok + ["--min-cells", "1000"],
                                   "only 0 sample(s) have >= 1000 control cells",
                                   "lower min_cells (--min-cells)"),
@@ -309,11 +302,31 @@ def test_every_import_error_is_one_line_with_its_fix(tmp_path):
         "output exists": (["import", "anndata", h5ad, done, "--sample-key", "donor", *ok],
                           "done.zarr: a store already exists", "--overwrite"),
     }
-    runs = {name: _cli(*args) for name, (args, *_) in cases.items()}
-    for name, (args, problem, fix) in cases.items():
-        out, err = runs[name].communicate(timeout=600)
+    in_a_process = {
+        "missing key": (base + ["--perturbation-key", "sgRNA", "--control", "NTC-1"],
+                        "perturbation_key='sgRNA': not a column of", "pass the obs column"),
+        "non-integer": (["import", "anndata", h5ad, tmp_path / "out_ni.zarr", "--sample-key",
+                         "donor", *ok, "--layer", "normalised"],
+                        "non-integer value(s), e.g. ", "pass raw integer counts"),
+        "negative, in a later chunk": (
+            base + ok + ["--layer", "negative", "--chunk-cells", "100", "--workers", "1",
+                         "--no-progress"],
+            "1 negative value(s), e.g. -1 at cell 450 (0-based row), feature 'gene3'",
+            "pass raw integer counts"),
+    }
+    runs = {name: _cli(*args) for name, (args, *_) in in_a_process.items()}
+    results = {name: nbdask_main(*args) for name, (args, *_) in in_process.items()}
+    for name, run in runs.items():
+        out, err = run.communicate(timeout=600)
+        results[name] = (run.returncode, out, err)
+    for name, (args, problem, fix) in {**in_process, **in_a_process}.items():
+        code, out, err = results[name]
         lines = [line for line in err.splitlines() if not line.startswith(NANNY)]
-        assert runs[name].returncode == 2 and out == "", (name, out, err)
+        assert code == 2 and out == "", (name, out, err)
         assert len(lines) == 1 and lines[0].startswith("nbdask import: error: "), (name, err)
         assert problem in lines[0] and fix in lines[0], (name, lines[0])
-    assert not (tmp_path / "out.zarr").exists() or "negative" in str(runs)
+    import zarr
+
+    for store in ("out.zarr", "out_ni.zarr", "o.zarr"):  # none that looks complete
+        path = tmp_path / store
+        assert not path.exists() or zarr.open_group(path, mode="r").attrs["nbdask_status"] == "failed"
