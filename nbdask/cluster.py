@@ -24,16 +24,44 @@ def active_client():
         return None
 
 
+#: glibc malloc settings for the worker processes nbdask starts (set before they spawn, as
+#: ``distributed.nanny.pre-spawn-environ``). distributed's default trim threshold of 64 KiB also
+#: turns off glibc's adaptive mmap threshold, so every block-sized array (8-16 MiB) is a fresh
+#: mmap whose pages fault in one by one and go back to the kernel when freed; keeping blocks on
+#: the heap cut the pooling pass over 10^8 comparisons from 25.5 s to 16.6 s on 2 workers (minor
+#: page faults 640k -> 80k per worker). At most 256 MiB of freed heap stays with a worker.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
+
+
 def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,
                   memory_limit: str | None = "auto", **kwargs):
-    """A ``LocalCluster`` of worker processes bound to 127.0.0.1, dashboard on loopback only."""
+    """A ``LocalCluster`` of worker processes bound to 127.0.0.1, dashboard on loopback only,
+    with ``WORKER_MALLOC`` in the workers' environment (a user's own setting, in the environment
+    or in ``distributed.nanny.pre-spawn-environ``, wins)."""
+    import dask
     from distributed import LocalCluster
 
     workers = workers or max(1, os.cpu_count() or 1)
     kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     kwargs.setdefault("silence_logs", logging.WARNING)
-    return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                        host="127.0.0.1", memory_limit=memory_limit, **kwargs)
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    for name, value in WORKER_MALLOC.items():
+        if environ.get(name) in (None, 65536):  # unset, or distributed's default
+            environ[name] = value
+    # The nannies write these into this process's environment before spawning, where they
+    # would outrank the dask config of every later cluster: put it back afterwards.
+    before = {name: os.environ.get(name) for name in environ}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                                processes=True, host="127.0.0.1", memory_limit=memory_limit,
+                                **kwargs)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _DropMessages(logging.Filter):

@@ -1,8 +1,7 @@
 """Numba BH core: exact q-values of a block of p-values without a full comparison sort.
 
-The p-values are ordered by two counting-sort levels on their IEEE-754 bits (O(n): ~2048
-coarse bins, then each coarse bin into bins of ~4 values), finished by insertion sorts (or
-quicksort where many values share a bin). Ranks, the running minimum
+The p-values are ordered by their IEEE-754 bits (``sort_positions``: a balanced counting pass,
+then 8-bit most-significant-digit passes, then insertion sorts). Ranks, the running minimum
 and the scatter back are single passes. The arithmetic is that of ``fdr.bh``,
 ``min(1, min_{t' >= t} (m / F(t')) * t')``, so the results are bit-identical.
 """
@@ -15,16 +14,14 @@ import numpy as np
 _jit = numba.njit(cache=True, nogil=True)
 #: Bucket id of a NaN position in the bucket path's ids (uint16: at most 65534 buckets).
 NAN_BUCKET = 65535
+#: Masks off the sign bit: -0.0 (which passes ``p >= 0``) keys like 0.0.
+_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
+_UMAGNITUDE = np.uint64(0x7FFFFFFFFFFFFFFF)
 
 
 @_jit
-def _sort_segment(sv, idx, lo, hi):
-    """Sort sv[lo:hi] ascending, permuting idx alongside (insertion sort; quicksort if long)."""
-    if hi - lo > 32:
-        order = np.argsort(sv[lo:hi])
-        sv[lo:hi] = sv[lo:hi][order]
-        idx[lo:hi] = idx[lo:hi][order]
-        return
+def _insertion_sort(sv, idx, lo, hi):
+    """Sort sv[lo:hi] ascending, permuting idx alongside."""
     for i in range(lo + 1, hi):
         v = sv[i]
         cur = idx[i]
@@ -37,39 +34,131 @@ def _sort_segment(sv, idx, lo, hi):
         idx[j] = cur
 
 
-#: Bins of the first counting-sort level: few enough write streams to stay in cache.
-_COARSE_BINS = 2048
+#: The first pass merges adjacent key bins (bits >> _KEY_SHIFT: 256 per binade) into at most
+#: _GROUPS groups of about equal size, so one streaming pass spreads any distribution evenly,
+#: with few enough write streams to stay in cache (41e6 p-values: 0.5 s at 256 groups, 1.0 s at
+#: 4096). Later passes split a segment's bit range into 2**_RADIX_BITS equal-width bins, down to
+#: segments of at most _SMALL values that insertion sort finishes.
+_GROUPS = 256
+_KEY_SHIFT = 44
+_RADIX_BITS = 8
+_SMALL = 32
 
 
 @_jit
-def _partition(sv_in, idx_in, lo, hi, sv_out, idx_out, target):
-    """Stable counting sort of positions [lo, hi) by their leading bits into about ``target``
-    bins of [min, max] (same positions of the out arrays); returns the absolute bin bounds."""
-    bits = sv_in.view(np.uint64)
-    kmin = bits[lo]
-    kmax = bits[lo]
-    for i in range(lo + 1, hi):
-        kmin = min(kmin, bits[i])
-        kmax = max(kmax, bits[i])
-    span = kmax - kmin
-    shift = 0
-    while (span >> np.uint64(shift)) >= target:
-        shift += 1
-    n_bins = int(span >> np.uint64(shift)) + 1
-    bounds = np.zeros(n_bins + 1, np.int64)
-    for i in range(lo, hi):
-        bounds[int((bits[i] - kmin) >> np.uint64(shift)) + 1] += 1
-    bounds[0] = lo
-    for b in range(n_bins):
+def _first_level(vals, sv, idx):
+    """Stable partition of vals into sv/idx (positions) by groups of adjacent key bins holding
+    about n / _GROUPS values each; returns the group bounds. The bits are read as int64 (p >= 0),
+    since numba mixes uint64 with int64 through float64."""
+    n = vals.shape[0]
+    bits = vals.view(np.int64)
+    kmin = (bits[0] & _MAGNITUDE) >> _KEY_SHIFT
+    kmax = kmin
+    for i in range(n):
+        k = (bits[i] & _MAGNITUDE) >> _KEY_SHIFT
+        kmin = min(kmin, k)
+        kmax = max(kmax, k)
+    n_keys = kmax - kmin + 1
+    count = np.zeros(n_keys, np.int64)
+    for i in range(n):
+        count[((bits[i] & _MAGNITUDE) >> _KEY_SHIFT) - kmin] += 1
+    per = max(n // _GROUPS, 1)
+    group = np.empty(n_keys, np.int64)
+    g = 0
+    filled = 0
+    for k in range(n_keys):
+        if filled >= per:
+            g += 1
+            filled = 0
+        group[k] = g
+        filled += count[k]
+    bounds = np.zeros(g + 2, np.int64)
+    for k in range(n_keys):
+        bounds[group[k] + 1] += count[k]
+    for b in range(g + 1):
         bounds[b + 1] += bounds[b]
     fill = bounds[:-1].copy()
-    for i in range(lo, hi):
-        b = int((bits[i] - kmin) >> np.uint64(shift))
-        k = fill[b]
-        sv_out[k] = sv_in[i]
-        idx_out[k] = idx_in[i]
-        fill[b] = k + 1
+    for i in range(n):
+        b = group[((bits[i] & _MAGNITUDE) >> _KEY_SHIFT) - kmin]
+        j = fill[b]
+        sv[j] = vals[i] + 0.0  # -0.0 -> 0.0, so that later passes see bits >= 0
+        idx[j] = i
+        fill[b] = j + 1
     return bounds
+
+
+@_jit
+def sort_positions(vals):
+    """(sorted values, their positions in vals) for p-values (>= 0, no NaN).
+
+    A balanced first pass over key bins, then most-significant-digit passes of 8 bits over
+    each segment's bit range (in cache once segments are small), and insertion sort below 32
+    values: 41e6 p-values in about 2 s, where a comparison argsort, whose accesses miss the
+    cache, takes 10 s.
+    """
+    n = vals.shape[0]
+    out_v = np.empty(n)
+    out_i = np.empty(n, np.int64)
+    tmp_v = np.empty(n)
+    tmp_i = np.empty(n, np.int64)
+    if n == 0:
+        return out_v, out_i
+    first = _first_level(vals, tmp_v, tmp_i)
+    # Segments still to order: (lo, hi, 1 if their values are in tmp_* else 0); out_* is the
+    # output, and each pass moves a segment from one pair of buffers to the other.
+    stack = np.empty((first.shape[0] + 64 * (1 << _RADIX_BITS), 3), np.int64)
+    top = 0
+    for g in range(first.shape[0] - 1):
+        if first[g + 1] > first[g]:
+            stack[top, 0], stack[top, 1], stack[top, 2] = first[g], first[g + 1], 1
+            top += 1
+    count = np.empty((1 << _RADIX_BITS) + 1, np.int64)
+    while top > 0:
+        top -= 1
+        lo, hi, in_tmp = stack[top, 0], stack[top, 1], stack[top, 2]
+        src_v, src_i = (tmp_v, tmp_i) if in_tmp else (out_v, out_i)
+        dst_v, dst_i = (out_v, out_i) if in_tmp else (tmp_v, tmp_i)
+        bits = src_v.view(np.int64)
+        kmin = bits[lo]
+        kmax = kmin
+        for i in range(lo, hi):
+            kmin = min(kmin, bits[i])
+            kmax = max(kmax, bits[i])
+        if hi - lo <= _SMALL or kmin == kmax:  # small, or ties only
+            if in_tmp:
+                for k in range(lo, hi):
+                    out_v[k] = src_v[k]
+                    out_i[k] = src_i[k]
+            if kmin != kmax:
+                _insertion_sort(out_v, out_i, lo, hi)
+            continue
+        shift = 0
+        while ((kmax - kmin) >> shift) >= (1 << _RADIX_BITS):
+            shift += 1
+        n_bins = ((kmax - kmin) >> shift) + 1
+        count[:] = 0
+        for i in range(lo, hi):
+            count[((bits[i] - kmin) >> shift) + 1] += 1
+        count[0] = lo
+        for b in range(n_bins):
+            count[b + 1] += count[b]
+        for i in range(lo, hi):  # count[b]: bin b's next free slot
+            b = (bits[i] - kmin) >> shift
+            j = count[b]
+            dst_v[j] = src_v[i]
+            dst_i[j] = src_i[i]
+            count[b] = j + 1
+        if top + n_bins > stack.shape[0]:
+            grown = np.empty((2 * stack.shape[0] + n_bins, 3), np.int64)
+            grown[:top] = stack[:top]
+            stack = grown
+        start = lo
+        for b in range(n_bins):
+            if count[b] > start:
+                stack[top, 0], stack[top, 1], stack[top, 2] = start, count[b], 1 - in_tmp
+                top += 1
+            start = count[b]
+    return out_v, out_i
 
 
 @_jit
@@ -82,27 +171,7 @@ def bh_block(vals, m, offset, carry):
     q = np.empty(n)
     if n == 0:
         return q, np.inf
-    # Two counting-sort levels on the IEEE-754 bits: ~2048 coarse bins first (few write
-    # streams), then each coarse bin, now cache-sized, into ~4-value bins finished by insertion.
-    idx_a = np.arange(n)
-    sv_b = np.empty(n)
-    idx_b = np.empty(n, np.int64)
-    coarse = _partition(vals, idx_a, 0, n, sv_b, idx_b, _COARSE_BINS)
-    sv = np.empty(n)
-    idx = np.empty(n, np.int64)
-    for c in range(coarse.shape[0] - 1):
-        lo, hi = coarse[c], coarse[c + 1]
-        if hi - lo <= 32:
-            for k in range(lo, hi):
-                sv[k] = sv_b[k]
-                idx[k] = idx_b[k]
-            if hi - lo > 1:
-                _sort_segment(sv, idx, lo, hi)
-            continue
-        fine = _partition(sv_b, idx_b, lo, hi, sv, idx, max((hi - lo) // 4, 1))
-        for f in range(fine.shape[0] - 1):
-            if fine[f + 1] - fine[f] > 1:
-                _sort_segment(sv, idx, fine[f], fine[f + 1])
+    sv, idx = sort_positions(vals)
     # From the top: F is the rank of the last of a run of ties (R's "right" edge).
     running = carry
     block_min = np.inf
@@ -135,7 +204,7 @@ def split_by_bucket(flat, table, shift, n_buckets):
     sizes = np.zeros(n_buckets, np.int64)
     for i in range(n):
         if flat[i] == flat[i]:
-            b = table[bits[i] >> shift]
+            b = table[(bits[i] & _UMAGNITUDE) >> shift]
             ids[i] = b
             sizes[b] += 1
         else:
@@ -188,7 +257,7 @@ def chunk_counts(flat, shift, n_keys, lambdas):
             continue
         if v < 0.0 or v > 1.0:
             return bins, below, -1
-        bins[bits[i] >> shift] += 1
+        bins[(bits[i] & _UMAGNITUDE) >> shift] += 1
         j = min(int(v * k), k)  # a guess at #(lambdas <= v), then corrected exactly
         while j < k and lambdas[j] <= v:
             j += 1

@@ -85,3 +85,23 @@ def test_bad_block_is_one_line_on_a_users_cluster(tmp_path):
     finally:
         stop(procs)
     assert "Compute Failed" in worker_log.read_text()
+
+
+def test_own_cluster_keeps_block_sized_arrays_on_the_heap():
+    """Workers nbdask starts get WORKER_MALLOC before they spawn; a user's dask config wins."""
+    import dask
+    from distributed import Client
+
+    from nbdask.cluster import WORKER_MALLOC, local_cluster
+
+    def environ():
+        import os
+        return {k: os.environ.get(k) for k in WORKER_MALLOC}
+
+    with local_cluster(workers=1) as cluster, Client(cluster) as client:
+        (seen,) = client.run(environ).values()
+    assert seen == {k: str(v) for k, v in WORKER_MALLOC.items()}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 4096}):
+        with local_cluster(workers=1) as cluster, Client(cluster) as client:
+            (seen,) = client.run(environ).values()
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == "4096"

@@ -157,6 +157,29 @@ def test_numba_core_is_bit_identical_to_the_sort_definition(seed):
     assert np.array_equal(fdr.bh(p), fdr.bh_sorted(p.reshape(-1), axis=0).reshape(p.shape), equal_nan=True)
 
 
+@pytest.mark.parametrize("kind", ["hard", "dense", "negative_zero"])
+def test_radix_order_matches_numpy_sort(kind):
+    """The numba sort behind bh_block, on inputs that take every path: skewed key bins, a
+    cluster far narrower than a key bin (many 8-bit passes), ties, and -0.0."""
+    from nbdask.fdr_fused import sort_positions
+
+    rng = np.random.default_rng(3)
+    p = hard_p_values((400, 500), seed=3).reshape(-1)
+    p = p[~np.isnan(p)]
+    if kind == "dense":
+        p[: p.size // 2] = 0.5 + rng.uniform(0, 1e-12, p.size // 2)
+    elif kind == "negative_zero":
+        p[rng.choice(p.size, 1000, replace=False)] = -0.0
+    rng.shuffle(p)
+    values, positions = sort_positions(p)
+    assert np.array_equal(values, np.sort(p))
+    assert np.array_equal(np.sort(positions), np.arange(p.size))
+    assert np.array_equal(p[positions], values)
+    assert np.array_equal(fdr.bh(p), scipy_bh(p))
+    counts = fdr._chunk_counts(p)  # -0.0 counts in the first key bin
+    assert counts[0] >= (p == 0).sum() and counts[:fdr.N_KEYS].sum() == p.size
+
+
 def test_auto_backend_rule():
     """Buckets when the p-values would crowd one worker, or when several threads can share the
     sort of more than PARALLEL_MIN_TESTS; else gather."""
