@@ -18,7 +18,8 @@ from .array import TRUNCATION as _TRUNCATION
 
 @jit
 def _exact_walk(obs, s, kt, kc, c, trunc, up):
-    """``array._walk`` for one comparison: the log of its tail sum (-inf when empty)."""
+    """``array._walk`` for one comparison: its tail sum as (mantissa, exponent): the sum is
+    mantissa * BIG**exponent (mantissa 0 when empty)."""
     value = 1.0
     e = 0
     tot = 0.0
@@ -44,6 +45,11 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
             etot = e
         if trunc and (e < etot or value < _TRUNCATION * tot):
             break
+    return tot, etot
+
+
+@jit
+def _log_tail(tot, etot):
     return math.log(tot) + etot * _LOG_BIG if tot > 0 else -math.inf
 
 
@@ -63,9 +69,17 @@ def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     mc = rate * l_c
     c = (mt / (mt + kt)) / (mc / (mc + kc))
     trunc = kt >= 1.0 and kc >= 1.0
+    up, e_up = _exact_walk(obs, s, kt, kc, c, trunc, True)
+    down, e_down = _exact_walk(obs, s, kt, kc, c, trunc, False)
+    if e_up == 0 and e_down == 0:
+        # No tail term passed BIG (the usual case): the same quantity without logs, relative
+        # to the observed table's probability, as 2 min(U + 1/2, D + 1/2) / (U + D + 1).
+        u = up + 0.5
+        d = down + 0.5
+        return min(2.0 * min(u, d) / (u + d), 1.0)
     half = math.log(0.5)
-    lu = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, True), half)
-    ld = _logaddexp(_exact_walk(obs, s, kt, kc, c, trunc, False), half)
+    lu = _logaddexp(_log_tail(up, e_up), half)
+    ld = _logaddexp(_log_tail(down, e_down), half)
     return min(2.0 * math.exp(min(lu, ld) - _logaddexp(lu, ld)), 1.0)
 
 
@@ -114,6 +128,10 @@ def _exact_block(counts, sf, ctrl, csf, log_dispersion, max_total, p_out, z_out)
             control_totals[g] += ctrl[g, j]
     keep = np.empty(R, np.int64)
     inv = np.empty(R)
+    # exp(log_dispersion) per feature, recomputed only when a perturbation's value differs
+    # (one value per feature with a pooled dispersion).
+    last_log_phi = np.full(G, np.nan, np.float32)
+    last_phi = np.zeros(G)
     for p in range(P):
         n = present(sf, p, keep, inv)
         l_t = 0.0
@@ -132,7 +150,11 @@ def _exact_block(counts, sf, ctrl, csf, log_dispersion, max_total, p_out, z_out)
             s = obs + control_totals[g]
             if s <= 0 or s > max_total:
                 continue
-            phi = math.exp(np.float64(log_dispersion[p, g]))
+            log_phi = log_dispersion[p, g]
+            if log_phi != last_log_phi[g]:
+                last_log_phi[g] = log_phi
+                last_phi[g] = math.exp(np.float64(log_phi))
+            phi = last_phi[g]
             if not math.isfinite(phi):
                 continue
             pv = _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi)

@@ -83,6 +83,7 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
     # the same for every perturbation: computed once per feature.
     info_cs = np.empty(G)
     log_phis = np.empty(G)
+    mus = np.empty(G)
     if mode == 1:
         for g in range(G):
             rate_c = qbar_cs[g] if qbar_cs[g] > 0 else ZERO_GROUP_COUNT / L_c
@@ -90,8 +91,9 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             for j in range(C):
                 m = csf[j] * rate_c
                 a += m / (1.0 + phi_f[g] * m)
-            info_cs[g] = a
+            info_cs[g] = 1.0 / a
             log_phis[g] = math.log(phi_f[g])
+            mus[g] = math.log(rate_c)
     q = np.empty(R)
     l = np.empty(R)
     inv_l = np.empty(R)
@@ -105,6 +107,10 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             L_t += l[i]
             inv_t += inv_l[i]
         inv_t /= max(n_t, 1)
+        if mode == 1:
+            _feature_row(p, counts, keep, l, n_t, L_t, qbar_cs, mus, info_cs, phi_f, log_phis,
+                         out, pval)
+            continue
         for g in range(G):
             qbar_c = qbar_cs[g]
             s2_c = s2_cs[g]
@@ -112,20 +118,15 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
                 q[i] = counts[p, g, keep[i]] / l[i]
             rate_c, rate_t, phi, qbar_t, raw, den = _mom_one(q, C, qbar_c, s2_c, inv_c, L_c,
                                                              n_t, inv_t, L_t)
-            if mode == 1:
-                phi = phi_f[g]
-            elif mode == 2:
+            if mode == 2:
                 poisson = (inv_c * C / rate_c + inv_t * n_t / rate_t) / (C + n_t)
                 phi = _shrunk(raw, den, poisson, phi_f[g], spread[g])
             mu = math.log(rate_c)
             beta = math.log(rate_t) - mu
-            if mode == 1:
-                a = info_cs[g]
-            else:
-                a = 0.0
-                for j in range(C):
-                    m = csf[j] * rate_c
-                    a += m / (1.0 + phi * m)
+            a = 0.0
+            for j in range(C):
+                m = csf[j] * rate_c
+                a += m / (1.0 + phi * m)
             b = 0.0
             for i in range(n_t):
                 m = l[i] * rate_t
@@ -139,7 +140,7 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             se = math.sqrt(1.0 / a + 1.0 / b)
             z = beta / se
             out[1, p, g] = beta
-            out[2, p, g] = log_phis[g] if mode == 1 else math.log(phi)
+            out[2, p, g] = math.log(phi)
             out[3, p, g] = se
             if qbar_c == 0 and qbar_t == 0:
                 out[4, p, g] = np.nan
@@ -147,6 +148,47 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             else:
                 out[4, p, g] = z
                 pval[p, g] = math.erfc(abs(z) / SQRT2)
+
+
+@jit
+def _feature_row(p, counts, keep, l, n_t, L_t, qbar_cs, mus, inv_info_cs, phi_f, log_phis, out,
+                 pval):
+    """Perturbation p of ``_mom_block`` with one dispersion per feature (mode 1): only the
+    treated mean varies along the row; the control's mu, 1 / information and log phi are
+    per-feature constants, and no comparison dispersion is estimated."""
+    G = counts.shape[1]
+    if n_t == 0:
+        for g in range(G):
+            out[0, p, g] = mus[g]
+            for k in range(1, 5):
+                out[k, p, g] = np.nan
+            pval[p, g] = np.nan
+        return
+    zero_rate = ZERO_GROUP_COUNT / (L_t if L_t > 0 else 1.0)
+    for g in range(G):
+        total = 0.0
+        for i in range(n_t):
+            total += counts[p, g, keep[i]] / l[i]
+        qbar_t = total / n_t
+        rate_t = qbar_t if qbar_t > 0 else zero_rate
+        phi = phi_f[g]
+        b = 0.0
+        for i in range(n_t):
+            m = l[i] * rate_t
+            b += m / (1.0 + phi * m)
+        beta = math.log(rate_t) - mus[g]
+        se = math.sqrt(inv_info_cs[g] + 1.0 / b)
+        out[0, p, g] = mus[g]
+        out[1, p, g] = beta
+        out[2, p, g] = log_phis[g]
+        out[3, p, g] = se
+        if qbar_cs[g] == 0 and qbar_t == 0:
+            out[4, p, g] = np.nan
+            pval[p, g] = np.nan
+        else:
+            z = beta / se
+            out[4, p, g] = z
+            pval[p, g] = math.erfc(abs(z) / SQRT2)
 
 
 MOM_NAMES = ("log_base_mean", "log_fold_change", "log_dispersion", "standard_error", "statistic")
