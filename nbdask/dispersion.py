@@ -211,7 +211,6 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     fused.pooling_rows(num_t, den_t, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
                        phi_c, np.broadcast_to(w_c, phi_c.shape).astype(f64), rate_c,
                        np.sum(1.0 / csf) / rate_c, float(csf.shape[0]), out)
-    fused.evidence_rows(rate_mean, keep, n_t, inv_t, library_t, out[len(SUMS) - len(EVIDENCE_ROWS):])
     return out
 
 

@@ -56,71 +56,69 @@ def kept_sums(num, den, keep, out_num, out_den):
 @jit
 def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
                  phi_c, w_c, rate_c, inv_c, n_c, out):
-    """The 10 rows of ``dispersion.SUMS`` for one block, as ``dispersion.feature_sums`` defines
-    them (per-perturbation [P] inputs: n, mean(1/l), sum(l), sum(1/l); control [G] inputs)."""
+    """Every row of ``dispersion.sum_rows`` for one block in one pass over its groups: the 10
+    pooling rows of ``dispersion.SUMS`` as ``dispersion.feature_sums`` defines them, then the
+    nine EVIDENCE_ROWS and ``excess_<n>`` (n = 2 ... R) of ``dispersion.evidence_rows``
+    (per-perturbation [P] inputs: n, mean(1/l), sum(l), sum(1/l); control [G] inputs).
+
+    The sums build up in a [G, rows] scratch, each feature's rows side by side (in [rows, G]
+    they are a feature's column, a cache line per row), and are copied to ``out`` last.
+    """
     P, G = num.shape
-    out[:, :] = 0.0
+    K = out.shape[0]
+    sizes = K - 19
+    acc = np.zeros((G, K))
     for p in range(P):
-        w = max(n_t[p] - 1.0, 0.0)
+        n = n_t[p]
+        w = max(n - 1.0, 0.0)
+        wn = w * w / n if n > 0 else 0.0
+        inv_le = n / library_t[p] if n > 0 else 0.0
+        row = 19 + int(n) - 2
         for g in range(G):
             if keep[p, g]:
-                out[0, g] += num[p, g]
-                out[1, g] += den[p, g]
-                out[2, g] += 1.0
+                acc[g, 0] += num[p, g]
+                acc[g, 1] += den[p, g]
+                acc[g, 2] += 1.0
             elif valid[p, g]:
-                out[3, g] += 1.0
+                acc[g, 3] += 1.0
             mean = rate_mean[p, g]
             phi_t, w_t = 0.0, 0.0
             if mean > 0:
                 phi_t = (rate_var[p, g] - mean * inv_t[p]) / (mean * mean)
                 w_t = w
             df = w_c[g] + w_t
-            if not (df > 0 and n_t[p] > 0):
+            if df > 0 and n > 0:
+                phi = (phi_c[g] * w_c[g] + phi_t * w_t) / df
+                rate_t = mean if mean > 0 else ZERO_GROUP_COUNT / (library_t[p] if library_t[p] > 0 else 1.0)
+                a = (inv_c[g] + inv_l[p] / rate_t) / (n_c + n)
+                inv_df = 1.0 / df
+                acc[g, 4] += phi
+                acc[g, 5] += phi * phi
+                acc[g, 6] += inv_df
+                acc[g, 7] += a * inv_df
+                acc[g, 8] += a * a * inv_df
+                acc[g, 9] += 1.0
+            if n <= 0:
                 continue
-            phi = (phi_c[g] * w_c[g] + phi_t * w_t) / df
-            rate_t = mean if mean > 0 else ZERO_GROUP_COUNT / (library_t[p] if library_t[p] > 0 else 1.0)
-            a = (inv_c[g] + inv_l[p] / rate_t) / (n_c + n_t[p])
-            inv_df = 1.0 / df
-            out[4, g] += phi
-            out[5, g] += phi * phi
-            out[6, g] += inv_df
-            out[7, g] += a * inv_df
-            out[8, g] += a * a * inv_df
-            out[9, g] += 1.0
-
-
-@jit
-def evidence_rows(rate_mean, keep, n_t, inv_t, library_t, out):
-    """``dispersion.evidence_rows`` of a block's treated groups into ``out`` [9 + R - 1, G]:
-    the nine EVIDENCE_ROWS, then ``excess_<n>`` for n = 2 ... R."""
-    P, G = rate_mean.shape
-    sizes = out.shape[0] - 9
-    out[:, :] = 0.0
-    for p in range(P):
-        n = n_t[p]
-        if n <= 0:
-            continue
-        w = max(n - 1.0, 0.0)
-        wn = w * w / n
-        inv_l = n / library_t[p]
-        row = 9 + int(n) - 2
-        for g in range(G):
-            q = rate_mean[p, g]
-            out[3, g] += n * q
-            out[4, g] += n
+            q = mean
+            acc[g, 13] += n * q
+            acc[g, 14] += n
             if not keep[p, g]:
                 continue
             a = q * inv_t[p]
             b = q * q
-            out[0, g] += w * a
-            out[1, g] += w
-            out[2, g] += w * b
-            out[5, g] += 2.0 * w * a * a + wn * q * inv_l * inv_l * inv_l
-            out[6, g] += 4.0 * w * a * b + wn * (6.0 * a * a + b * inv_l * inv_l)
-            out[7, g] += 2.0 * w * b * b + 12.0 * wn * a * b
-            out[8, g] += 6.0 * wn * b * b
-            if 9 <= row < 9 + sizes:
-                out[row, g] += w * max(b - a / n, 0.0)
+            acc[g, 10] += w * a
+            acc[g, 11] += w
+            acc[g, 12] += w * b
+            acc[g, 15] += 2.0 * w * a * a + wn * q * inv_le * inv_le * inv_le
+            acc[g, 16] += 4.0 * w * a * b + wn * (6.0 * a * a + b * inv_le * inv_le)
+            acc[g, 17] += 2.0 * w * b * b + 12.0 * wn * a * b
+            acc[g, 18] += 6.0 * wn * b * b
+            if 19 <= row < 19 + sizes:
+                acc[g, row] += w * max(b - a / n, 0.0)
+    for k in range(K):
+        for g in range(G):
+            out[k, g] = acc[g, k]
 
 
 @jit
