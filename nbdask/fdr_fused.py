@@ -8,6 +8,8 @@ and the scatter back are single passes. The arithmetic is that of ``fdr.bh``,
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -280,6 +282,37 @@ def chunk_counts(flat, shift, n_keys, lambdas):
             j -= 1
         below[j] += 1
     return bins, below, n_nan
+
+
+@_jit
+def level_histogram(p, level, grid, out):
+    """``filtering.histogram`` of a [P, G] block into ``out`` [levels * bins] (int64, added
+    to): each finite p counts at (its feature's ``level``, the first grid point t_k >= p; the
+    last bin past the grid). ``grid`` (ascending, log-spaced at ``per_decade`` points per decade
+    down from 1) is bracketed from the binary exponent and mantissa, so no logarithm is taken."""
+    P, G = p.shape
+    bins = grid.shape[0]
+    per_log2 = (bins - 1) / (-math.log2(grid[0]))  # grid points per binade
+    bits = p.view(np.int64)
+    for i in range(P):
+        for g in range(G):
+            v = p[i, g]
+            if not math.isfinite(v):
+                continue
+            if v > 0:
+                # log2 v ~ (biased exponent - 1023) + mantissa fraction (off by < 0.09): the
+                # estimate lands within a grid point of the bin
+                b = bits[i, g]
+                log2 = ((b >> 52) - 1023) + (b & 0xFFFFFFFFFFFFF) * (1.0 / 4503599627370496.0)
+                k = int((bins - 1) + log2 * per_log2)
+                k = min(max(k, 0), bins - 1)
+                while k > 0 and grid[k - 1] >= v:
+                    k -= 1
+                while k < bins - 1 and grid[k] < v:
+                    k += 1
+            else:
+                k = 0
+            out[level[g] * bins + k] += 1
 
 
 def bh(p: np.ndarray) -> np.ndarray:

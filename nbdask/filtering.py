@@ -34,6 +34,8 @@ HIST_DECADES = 12
 HIST_PER_DECADE = 25
 HIST_BINS = HIST_DECADES * HIST_PER_DECADE + 1
 LEVELS = len(FILTER_QUANTILES) + 1  # a feature's level: how many thresholds its mean reaches
+#: The p grid: a p-value counts in the bin of the first grid point t >= p.
+GRID = 10.0 ** (np.arange(HIST_BINS) / HIST_PER_DECADE - HIST_DECADES)
 
 
 def thresholds(base_mean: np.ndarray) -> np.ndarray:
@@ -55,13 +57,14 @@ def levels(base_mean: np.ndarray, cuts: np.ndarray) -> np.ndarray:
 def histogram(p: np.ndarray, feature_level: np.ndarray) -> np.ndarray:
     """Counts of a [P_b, G_b] block's finite p-values by (level of its feature, p grid bin):
     [LEVELS * HIST_BINS] int64, flattened (blocks sum)."""
+    from .fdr_fused import level_histogram
+
     p = np.asarray(p, dtype=np.float64)
-    level = np.broadcast_to(np.asarray(feature_level, np.int64), p.shape)
-    ok = np.isfinite(p)
-    with np.errstate(divide="ignore"):
-        grid = np.ceil((np.log10(p[ok]) + HIST_DECADES) * HIST_PER_DECADE)
-    grid = np.clip(np.nan_to_num(grid, neginf=0.0), 0, HIST_BINS - 1).astype(np.int64)
-    return np.bincount(level[ok] * HIST_BINS + grid, minlength=LEVELS * HIST_BINS).astype(np.int64)
+    p = p.reshape(-1, p.shape[-1]) if p.ndim else p.reshape(1, 1)
+    level = np.broadcast_to(np.asarray(feature_level, np.int64), p.shape[-1:])
+    out = np.zeros(LEVELS * HIST_BINS, np.int64)
+    level_histogram(np.ascontiguousarray(p), np.ascontiguousarray(level), GRID, out)
+    return out
 
 
 def rejections(hist: np.ndarray, alpha: float = FILTER_ALPHA) -> np.ndarray:
@@ -71,8 +74,7 @@ def rejections(hist: np.ndarray, alpha: float = FILTER_ALPHA) -> np.ndarray:
     kept = np.cumsum(per_level[::-1], axis=0)[::-1][1:]  # [j] counts over levels > j
     cdf = np.cumsum(kept, axis=1)
     m = cdf[:, -1:]
-    t = 10.0 ** (np.arange(HIST_BINS) / HIST_PER_DECADE - HIST_DECADES)
-    ok = cdf * alpha >= m * t[None, :]
+    ok = cdf * alpha >= m * GRID[None, :]
     return np.max(np.where(ok, cdf, 0), axis=1)
 
 
