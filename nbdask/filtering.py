@@ -61,7 +61,7 @@ def histogram(p: np.ndarray, feature_level: np.ndarray) -> np.ndarray:
 
     p = np.asarray(p, dtype=np.float64)
     p = p.reshape(-1, p.shape[-1]) if p.ndim else p.reshape(1, 1)
-    level = np.broadcast_to(np.asarray(feature_level, np.int64), p.shape[-1:])
+    level = np.broadcast_to(np.asarray(feature_level, np.int64).reshape(-1), p.shape[-1:])
     out = np.zeros(LEVELS * HIST_BINS, np.int64)
     level_histogram(np.ascontiguousarray(p), np.ascontiguousarray(level), GRID, out)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 
 import numpy as np
@@ -208,7 +209,7 @@ def _resume_plan(url, storage_options, results, lazy, exists) -> str:
     return "resume"
 
 
-def _store_block(*blocks, store, names, levels=None, block_info=None):
+def _store_block(*blocks, store, names, run, levels=None, block_info=None):
     """Write one block's region of every array, then tick it; returns its FDR counts.
 
     Runs as ``da.map_blocks`` over all output arrays at once, so the kernel task that
@@ -218,8 +219,8 @@ def _store_block(*blocks, store, names, levels=None, block_info=None):
     from .fdr import _chunk_counts
     from .filtering import histogram
 
-    group = _write_region(store, names, blocks, block_info[0])
-    group[DONE_ARRAY][tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
+    _write_region(store, names, blocks, block_info[0], run)
+    _array(store, DONE_ARRAY, run)[tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
     p = blocks[names.index("p_value")]
     out = _chunk_counts(p)
     if levels is not None:
@@ -287,7 +288,8 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
 
     n_counts = N_KEYS + len(LAMBDAS) + 1 + (0 if levels is None else LEVELS * HIST_BINS)
     written = da.map_blocks(
-        _store_block, *(ds[n].data for n in names), store=store, names=names, levels=levels,
+        _store_block, *(ds[n].data for n in names), store=store, names=names, run=uuid.uuid4().hex,
+        levels=levels,
         chunks=(tuple(1 for _ in chunks[0]), tuple(1 for _ in chunks[1]), (n_counts,)),
         new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
     todo = list(zip(*np.nonzero(~done)))
@@ -317,7 +319,7 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
         q_ds.to_zarr(store, mode="a", zarr_format=3, consolidated=False, compute=False,
                      encoding=_encoding(q_ds, grid, shard_by_chunks=False))  # metadata only
     q = q_ds["q_value"].data
-    written = da.map_blocks(_store_q_block, q, store=store,
+    written = da.map_blocks(_store_q_block, q, store=store, run=uuid.uuid4().hex,
                             chunks=(tuple(1 for _ in q.chunks[0]), tuple(1 for _ in q.chunks[1]), (2,)),
                             new_axis=2, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64))
     future = client.compute(written.sum(axis=(0, 1)))
@@ -327,17 +329,30 @@ def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dic
     return {"n_significant_q05": n05, "n_significant_q10": n10}
 
 
-def _write_region(store, names, blocks, info):
-    """Write each block into its array's region (``info``: dask's block_info entry); the group."""
+#: Result arrays opened by the block tasks of a run in this process, by (run token, name): each
+#: open reads the array's metadata from the store (a round trip per array on object stores),
+#: once per process instead of once per block.
+_OPENED: dict[tuple[str, str], zarr.Array] = {}
+
+
+def _array(store, name: str, run: str) -> zarr.Array:
+    key = (run, name)
+    if key not in _OPENED:
+        if len(_OPENED) > 64:
+            _OPENED.clear()
+        _OPENED[key] = zarr.open_group(store, mode="r+")[name]
+    return _OPENED[key]
+
+
+def _write_region(store, names, blocks, info, run):
+    """Write each block into its array's region (``info``: dask's block_info entry)."""
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
-    group = zarr.open_group(store, mode="r+")
     for name, block in zip(names, blocks):
-        group[name][region] = block
-    return group
+        _array(store, name, run)[region] = block
 
 
-def _store_q_block(q, *, store, block_info=None):
-    _write_region(store, ["q_value"], [q], block_info[0])
+def _store_q_block(q, *, store, run, block_info=None):
+    _write_region(store, ["q_value"], [q], block_info[0], run)
     return np.array([(q < 0.05).sum(), (q < 0.1).sum()], dtype=np.int64)[None, None, :]
 
 
