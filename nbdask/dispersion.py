@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy import stats
+from scipy.special import chdtri
 
 from .kernels.backend import device, is_host, namespaces, to_host
 from .kernels.moments import GroupMoments, block_moments, group_moments, poisson_term
@@ -55,7 +55,7 @@ MIN_FEATURES = 20
 #: Screening needs this many perturbations: with fewer, a treated group left out of the pool is a
 #: large part of its own feature's evidence, and its comparison would be tested without it.
 MIN_SCREENED_PERTURBATIONS = 8
-_CHI2 = stats.chi2.ppf(OUTLIER_LEVEL, np.arange(1, 128))  # indexed by df - 1
+_CHI2 = chdtri(np.arange(1, 128), 1.0 - OUTLIER_LEVEL)  # chi2.ppf(OUTLIER_LEVEL, df), by df - 1
 
 #: Rows of the per-block partial sums (axis 0 of ``feature_sums``); ``sum_rows`` adds one
 #: ``excess_<n>`` row per treated group size n = 2 ... R. The rows from ``poisson`` on are the

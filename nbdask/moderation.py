@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
+from scipy.special import chdtri
 
 from .kernels.mom import DISPERSION_CEILING as MAX_DISPERSION
 from .kernels.mom import MIN_DISPERSION
@@ -159,7 +159,7 @@ def fit_trend(ev: Evidence) -> Trend:
     for index in np.array_split(order, bins):
         sub = ev.take(index)
         keep = np.ones(index.size, bool)
-        limit = stats.chi2.ppf(TREND_OUTLIER_LEVEL, np.maximum(sub.dof, 1.0))
+        limit = chdtri(np.maximum(sub.dof, 1.0), 1.0 - TREND_OUTLIER_LEVEL)  # chi2.ppf
         for screen in (True, True, False):  # two screening rounds, then the bin's estimate
             num, den = sub.numerator[keep].sum(), sub.denominator[keep].sum()
             phi = min(max(num / den, MIN_DISPERSION), MAX_DISPERSION) if den > 0 else MIN_DISPERSION
@@ -229,6 +229,8 @@ def fit_prior(ev: Evidence, log_trend, nu) -> Prior:
 
     best = None
     for df in PRIOR_DFS:
+        from scipy import optimize  # here: its import costs the workers half a second
+
         fit = optimize.minimize(nll, [0.0, math.log(0.5)], args=(df,), method="Nelder-Mead",
                                 options={"xatol": 1e-3, "fatol": 1e-3})
         if best is None or fit.fun < best[0]:
