@@ -192,8 +192,8 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     per = group_moments(np, np.zeros(present.shape, dtype=f64), np.where(present, sf, 1.0), present)
     n_t, inv_t, library_t = per.n, per.inv_size_factor, per.library  # [P_b]
     shape = counts.shape[:2]
-    rate_mean, rate_var, num_t, den_t = (np.empty(shape) for _ in range(4))
-    fused.pooling_terms(counts, sf, inv_t, rate_mean, rate_var, num_t, den_t)
+    rate_mean, rate_var = np.empty(shape), np.empty(shape)
+    fused.pooling_terms(counts, sf, rate_mean, rate_var)
     w = max(ctrl.n - 1.0, 0.0)
     num_c = w * (ctrl.rate_var - ctrl.rate_mean * ctrl.inv_size_factor)
     den_c = w * (ctrl.rate_mean * ctrl.rate_mean - ctrl.rate_var / max(ctrl.n, 1.0))
@@ -201,14 +201,14 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     keep = valid
     num, den, pearson = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape)
     for _ in range(OUTLIER_ROUNDS if screen else 0):
-        fused.kept_sums(num_t, den_t, keep, num, den)
+        fused.kept_sums(rate_mean, rate_var, n_t, inv_t, keep, num, den)
         fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c), pearson)
         keep = _screen(np, pearson, n_t[:, None], valid)
     phi_c, w_c = _group_phi(np, ctrl)
     rate_c = np.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
     inv_l = np.sum(np.where(present, 1.0 / np.where(present, sf, 1.0), 0.0), axis=-1)
     out = np.empty((len(sum_rows(counts.shape[-1])), shape[1]))
-    fused.pooling_rows(num_t, den_t, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
+    fused.pooling_rows(keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
                        phi_c, np.broadcast_to(w_c, phi_c.shape).astype(f64), rate_c,
                        np.sum(1.0 / csf) / rate_c, float(csf.shape[0]), out)
     return out

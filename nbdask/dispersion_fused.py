@@ -14,16 +14,14 @@ from .kernels.mom import ZERO_GROUP_COUNT
 
 
 @jit
-def pooling_terms(counts, sf, inv_t, rate_mean, rate_var, num, den):
+def pooling_terms(counts, sf, rate_mean, rate_var):
     """Fill [P, G] treated rate means and variances (ddof 1; 0 below two replicates) over present
-    replicates, as ``moments.group_moments`` defines them, and each group's pooling terms
-    num = (n-1)(s2 - qbar mean(1/l)), den = (n-1)(qbar^2 - s2/n) (``inv_t`` [P]: mean(1/l))."""
+    replicates, as ``moments.group_moments`` defines them."""
     P, G, R = counts.shape
     keep = np.empty(R, np.int64)
     inv = np.empty(R)
     for p in range(P):
         n = present(sf, p, keep, inv)
-        w = max(n - 1.0, 0.0)
         for g in range(G):
             total = 0.0
             for i in range(n):
@@ -33,28 +31,34 @@ def pooling_terms(counts, sf, inv_t, rate_mean, rate_var, num, den):
             for i in range(n):
                 d = counts[p, g, keep[i]] * inv[i] - mean
                 dev += d * d
-            var = dev / max(n - 1.0, 1.0)
             rate_mean[p, g] = mean
-            rate_var[p, g] = var
-            num[p, g] = w * (var - mean * inv_t[p])
-            den[p, g] = w * (mean * mean - var / max(n, 1.0))
+            rate_var[p, g] = dev / max(n - 1.0, 1.0)
 
 
 @jit
-def kept_sums(num, den, keep, out_num, out_den):
-    """Column sums of num and den over the groups where ``keep``: [G] each."""
-    P, G = num.shape
+def _terms(mean, var, n, inv_t):
+    """A group's pooling terms num = (n-1)(s2 - qbar mean(1/l)), den = (n-1)(qbar^2 - s2/n)
+    (``inv_t``: mean(1/l)); recomputed where needed rather than kept as [P, G] arrays."""
+    w = max(n - 1.0, 0.0)
+    return w * (var - mean * inv_t), w * (mean * mean - var / max(n, 1.0))
+
+
+@jit
+def kept_sums(rate_mean, rate_var, n_t, inv_t, keep, out_num, out_den):
+    """Column sums of the pooling terms over the groups where ``keep``: [G] each."""
+    P, G = rate_mean.shape
     out_num[:] = 0.0
     out_den[:] = 0.0
     for p in range(P):
         for g in range(G):
             if keep[p, g]:
-                out_num[g] += num[p, g]
-                out_den[g] += den[p, g]
+                num, den = _terms(rate_mean[p, g], rate_var[p, g], n_t[p], inv_t[p])
+                out_num[g] += num
+                out_den[g] += den
 
 
 @jit
-def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
+def pooling_rows(keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
                  phi_c, w_c, rate_c, inv_c, n_c, out):
     """Every row of ``dispersion.sum_rows`` for one block in one pass over its groups: the 10
     pooling rows of ``dispersion.SUMS`` as ``dispersion.feature_sums`` defines them, then the
@@ -64,7 +68,7 @@ def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library
     The sums build up in a [G, rows] scratch, each feature's rows side by side (in [rows, G]
     they are a feature's column, a cache line per row), and are copied to ``out`` last.
     """
-    P, G = num.shape
+    P, G = rate_mean.shape
     K = out.shape[0]
     sizes = K - 19
     acc = np.zeros((G, K))
@@ -76,8 +80,9 @@ def pooling_rows(num, den, keep, valid, rate_mean, rate_var, n_t, inv_t, library
         row = 19 + int(n) - 2
         for g in range(G):
             if keep[p, g]:
-                acc[g, 0] += num[p, g]
-                acc[g, 1] += den[p, g]
+                num, den = _terms(rate_mean[p, g], rate_var[p, g], n, inv_t[p])
+                acc[g, 0] += num
+                acc[g, 1] += den
                 acc[g, 2] += 1.0
             elif valid[p, g]:
                 acc[g, 3] += 1.0
