@@ -31,6 +31,7 @@ def active_client():
 #: the heap cut the pooling pass over 10^8 comparisons from 25.5 s to 16.6 s on 2 workers (minor
 #: page faults 640k -> 80k per worker). At most 256 MiB of freed heap stays with a worker.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
+_DISTRIBUTED_TRIM = 65536  # distributed's own MALLOC_TRIM_THRESHOLD_
 
 
 def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,
@@ -45,12 +46,15 @@ def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,
     kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     kwargs.setdefault("silence_logs", logging.WARNING)
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    for name, value in WORKER_MALLOC.items():
-        if environ.get(name) in (None, 65536):  # unset, or distributed's default
-            environ[name] = value
     # The nannies write these into this process's environment before spawning, where they
-    # would outrank the dask config of every later cluster: put it back afterwards.
-    before = {name: os.environ.get(name) for name in environ}
+    # outrank the dask config of every later cluster: a value there that is distributed's own
+    # default was put there by an earlier cluster, not by the user. Put it all back afterwards.
+    before = {name: os.environ.get(name) for name in environ | WORKER_MALLOC}
+    for name, value in WORKER_MALLOC.items():
+        if environ.get(name) in (None, _DISTRIBUTED_TRIM):  # unset, or distributed's default
+            environ[name] = value
+        if os.environ.get(name) in (None, str(_DISTRIBUTED_TRIM)):
+            os.environ[name] = str(environ[name])
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
             return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,

@@ -1,6 +1,7 @@
 """A bad block seen as a person sees it: the CLI's whole stderr is one line, on nbdask's own
 LocalCluster and on a user's `dask scheduler` / `dask worker` pair."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -87,8 +88,10 @@ def test_bad_block_is_one_line_on_a_users_cluster(tmp_path):
     assert "Compute Failed" in worker_log.read_text()
 
 
-def test_own_cluster_keeps_block_sized_arrays_on_the_heap():
-    """Workers nbdask starts get WORKER_MALLOC before they spawn; a user's dask config wins."""
+def test_own_cluster_keeps_block_sized_arrays_on_the_heap(monkeypatch):
+    """Workers nbdask starts get WORKER_MALLOC before they spawn, also after an earlier plain
+    distributed cluster left its default in this process's environment; a user's setting, in
+    the dask config or in the environment, wins."""
     import dask
     from distributed import Client
 
@@ -98,10 +101,16 @@ def test_own_cluster_keeps_block_sized_arrays_on_the_heap():
         import os
         return {k: os.environ.get(k) for k in WORKER_MALLOC}
 
-    with local_cluster(workers=1) as cluster, Client(cluster) as client:
-        (seen,) = client.run(environ).values()
-    assert seen == {k: str(v) for k, v in WORKER_MALLOC.items()}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 4096}):
+    def workers_see():
         with local_cluster(workers=1) as cluster, Client(cluster) as client:
             (seen,) = client.run(environ).values()
-    assert seen["MALLOC_TRIM_THRESHOLD_"] == "4096"
+        return seen
+
+    ours = {k: str(v) for k, v in WORKER_MALLOC.items()}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what distributed's nannies leave
+    assert workers_see() == ours
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is kept
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 4096}):
+        assert workers_see()["MALLOC_TRIM_THRESHOLD_"] == "4096"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert workers_see()["MALLOC_MMAP_THRESHOLD_"] == "1048576"
