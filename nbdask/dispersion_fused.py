@@ -13,6 +13,11 @@ from .kernels.fused_common import jit, present
 from .kernels.mom import ZERO_GROUP_COUNT
 
 
+#: Rows of ``dispersion.SUMS`` (10 pooling rows, then the 9 EVIDENCE_ROWS at 10-18); the
+#: ``excess_<n>`` rows follow (tests/test_dispersion.py compares every row with the array form).
+_SUMS = 19
+
+
 @jit
 def pooling_terms(counts, sf, rate_mean, rate_var):
     """Fill [P, G] treated rate means and variances (ddof 1; 0 below two replicates) over present
@@ -70,14 +75,14 @@ def pooling_rows(keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
     """
     P, G = rate_mean.shape
     K = out.shape[0]
-    sizes = K - 19
+    sizes = K - _SUMS
     acc = np.zeros((G, K))
     for p in range(P):
         n = n_t[p]
         w = max(n - 1.0, 0.0)
         wn = w * w / n if n > 0 else 0.0
         inv_le = n / library_t[p] if n > 0 else 0.0
-        row = 19 + int(n) - 2
+        row = _SUMS + int(n) - 2
         for g in range(G):
             if keep[p, g]:
                 num, den = _terms(rate_mean[p, g], rate_var[p, g], n, inv_t[p])
@@ -119,7 +124,7 @@ def pooling_rows(keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
             acc[g, 16] += 4.0 * w * a * b + wn * (6.0 * a * a + b * inv_le * inv_le)
             acc[g, 17] += 2.0 * w * b * b + 12.0 * wn * a * b
             acc[g, 18] += 6.0 * wn * b * b
-            if 19 <= row < 19 + sizes:
+            if _SUMS <= row < _SUMS + sizes:
                 acc[g, row] += w * max(b - a / n, 0.0)
     for k in range(K):
         for g in range(G):

@@ -288,8 +288,8 @@ def chunk_counts(flat, shift, n_keys, lambdas):
 def level_histogram(p, level, grid, out):
     """``filtering.histogram`` of a [P, G] block into ``out`` [levels * bins] (int64, added
     to): each finite p counts at (its feature's ``level``, the first grid point t_k >= p; the
-    last bin past the grid). ``grid`` (ascending, log-spaced at ``per_decade`` points per decade
-    down from 1) is bracketed from the binary exponent and mantissa, so no logarithm is taken."""
+    last bin past the grid). ``grid`` (ascending, log-spaced, ending at 1) is bracketed from the
+    binary exponent and mantissa of p, so no logarithm is taken."""
     P, G = p.shape
     bins = grid.shape[0]
     per_log2 = (bins - 1) / (-math.log2(grid[0]))  # grid points per binade

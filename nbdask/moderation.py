@@ -227,10 +227,10 @@ def fit_prior(ev: Evidence, log_trend, nu) -> Prior:
         # (or a test suite's) processes already hold, and ran 8x slower on two busy cores.
         return -np.sum(np.log(np.maximum(np.einsum("ij,j->i", likelihood, weights / total), 1e-300)))
 
+    from scipy import optimize  # here, not at the top: its import costs each worker half a second
+
     best = None
     for df in PRIOR_DFS:
-        from scipy import optimize  # here: its import costs the workers half a second
-
         fit = optimize.minimize(nll, [0.0, math.log(0.5)], args=(df,), method="Nelder-Mead",
                                 options={"xatol": 1e-3, "fatol": 1e-3})
         if best is None or fit.fun < best[0]:

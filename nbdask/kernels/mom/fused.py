@@ -79,9 +79,9 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             s2_c += d * d
         qbar_cs[g] = qbar_c
         s2_cs[g] = s2_c / max(C - 1.0, 1.0)
-    # With one dispersion per feature (mode 1) the control's information, mu and log phi are
+    # With one dispersion per feature (mode 1) the control's 1 / information, mu and log phi are
     # the same for every perturbation: computed once per feature.
-    info_cs = np.empty(G)
+    inv_info_cs = np.empty(G)
     log_phis = np.empty(G)
     mus = np.empty(G)
     if mode == 1:
@@ -91,7 +91,7 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             for j in range(C):
                 m = csf[j] * rate_c
                 a += m / (1.0 + phi_f[g] * m)
-            info_cs[g] = 1.0 / a
+            inv_info_cs[g] = 1.0 / a
             log_phis[g] = math.log(phi_f[g])
             mus[g] = math.log(rate_c)
     q = np.empty(R)
@@ -108,7 +108,7 @@ def _mom_block(counts, sf, ctrl, csf, phi_f, spread, mode, out, pval):
             inv_t += inv_l[i]
         inv_t /= max(n_t, 1)
         if mode == 1:
-            _feature_row(p, counts, keep, l, n_t, L_t, qbar_cs, mus, info_cs, phi_f, log_phis,
+            _feature_row(p, counts, keep, l, n_t, L_t, qbar_cs, mus, inv_info_cs, phi_f, log_phis,
                          out, pval)
             continue
         for g in range(G):
