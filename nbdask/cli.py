@@ -375,7 +375,8 @@ def _test(args) -> int:
         # A resumed run takes the pooled dispersion from its store instead of a pass over the cube.
         pooled = stored_pooling(args.results, storage_options=so) if args.resume else None
         cube = open_cube(args.cube, chunks=chunks, storage_options=so)  # a bad cube: before a cluster
-        with compute_client(scheduler=args.scheduler, workers=args.workers) as client:
+        with compute_client(scheduler=args.scheduler, workers=args.workers) as client, \
+                _held_counts(cube, client, pooled is None and args.dispersion != "comparison") as cube:
             results = test(cube, method=args.method, test=args.test, fdr=args.fdr,
                            fdr_scope=args.fdr_scope, dispersion=args.dispersion,
                            dispersion_prior=args.dispersion_prior,
@@ -400,6 +401,16 @@ def _test(args) -> int:
         print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
     print(f"results          {args.results}")
     return 0
+
+
+def _held_counts(cube, client, twice: bool):
+    """The cube with its counts held in the workers when the run reads them twice (a pooling
+    pass, then the estimates: ``nbdask.cache``)."""
+    from contextlib import nullcontext
+
+    from .cache import cached_counts
+
+    return cached_counts(cube, client=client) if twice else nullcontext(cube)
 
 
 def _reading_client(args):

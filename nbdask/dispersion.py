@@ -38,6 +38,7 @@ import numpy as np
 import xarray as xr
 from scipy.special import chdtri
 
+from .cache import widen
 from .kernels.backend import device, is_host, namespaces, to_host
 from .kernels.moments import GroupMoments, block_moments, group_moments, poisson_term
 from .kernels.mom import DISPERSION_CEILING, MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
@@ -314,7 +315,7 @@ def evidence(sums, control_counts, control_size_factor, reference_size: float) -
 
 def _sums_block(counts, size_factor, control_counts, control_size_factor, screen=True):
     p_b, g_b, r = counts.shape
-    out = feature_sums(counts, size_factor.reshape(p_b, r), control_counts.reshape(g_b, -1),
+    out = feature_sums(widen(counts), size_factor.reshape(p_b, r), control_counts.reshape(g_b, -1),
                        control_size_factor, screen=screen)
     return out[None, ...]
 

@@ -166,26 +166,22 @@ def _bucket_table(edges: np.ndarray) -> np.ndarray:
 def _split(p: np.ndarray, edges: np.ndarray) -> list[np.ndarray]:
     """A chunk's non-NaN p-values by bucket, each in the chunk's (C) order, then the bucket id
     of every position (what ``_assemble`` needs instead of the p-values: 2 bytes, not 8)."""
-    from .fdr_fused import split_by_bucket
+    from .fdr_fused import scratch, split_by_bucket
 
     flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
-    grouped, sizes, ids = split_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), len(edges) - 1)
-    return np.split(grouped, np.cumsum(sizes)[:-1]) + [ids]
-
-
-def _bucket_q(m: int, offset: int, carry: float, pieces):
-    """One bucket's q-values (input order) and the minimum of its (m / F) * t terms."""
-    from .fdr_fused import bh_block
-
-    vals = np.concatenate(pieces) if pieces else np.empty(0)
-    return bh_block(vals, float(m), int(offset), float(carry))
+    grouped = scratch("split", flat.size, np.float64)
+    sizes, ids = split_by_bucket(flat, _bucket_table(edges), np.uint64(SHIFT), len(edges) - 1, grouped)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [grouped[a:b].copy() for a, b in zip(bounds[:-1], bounds[1:])] + [ids]
 
 
 def _bucket_sort(m, offset, *pieces):
     """One bucket's q-values before the carry from higher buckets, split back per chunk, and
     the bucket's minimum term (last)."""
-    q, low = _bucket_q(m, offset, math.inf, pieces)
-    return tuple(np.split(q, np.cumsum([len(x) for x in pieces])[:-1])) + (float(low),)
+    from .fdr_fused import bh_pieces
+
+    q, low = bh_pieces(pieces, m, offset)
+    return tuple(q) + (float(low),)
 
 
 def _carries(*mins):
@@ -195,14 +191,33 @@ def _carries(*mins):
     return np.append(tail[1:], math.inf)
 
 
+#: The work arrays (``fdr_fused.scratch``) of ``_split`` and ``_bucket_sort``.
+_SORT_SCRATCH = ("split", "values", "sorted", "positions", "values_tmp", "positions_tmp")
+
+
+def release_scratch(client) -> None:
+    """Free the bucketed pass's work arrays (``fdr_fused.scratch``) on every worker of
+    ``client``: ``save_results`` calls it after the FDR pass; call it after computing a
+    ``bh_buckets`` array yourself."""
+    from .fdr_fused import release_scratch as release
+
+    try:
+        client.run(release)
+    except Exception as err:  # a worker gone since: its memory went with it
+        logger.debug("nbdask.fdr: releasing scratch arrays: %s", err)
+
+
 def _assemble(ids: np.ndarray, shape: tuple, carries: np.ndarray, *q_pieces) -> np.ndarray:
     """The chunk's q-values from its per-bucket pieces, the carries and its bucket ids (the
     inverse of ``_split``)."""
-    from .fdr_fused import scatter_by_bucket
+    from .fdr_fused import release_scratch, scatter_by_bucket, scratch
 
+    release_scratch(_SORT_SCRATCH)  # every bucket is sorted once a chunk assembles (_carries)
     sizes = np.array([len(x) for x in q_pieces], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    grouped = np.concatenate(q_pieces) if q_pieces else np.empty(0)
+    grouped = scratch("assemble", int(sizes.sum()), np.float64)
+    if q_pieces:
+        np.concatenate(q_pieces, out=grouped)
     return scatter_by_bucket(ids, grouped, starts, carries).reshape(shape)
 
 
@@ -333,7 +348,10 @@ def adjust(p_value: xr.DataArray, *, method: str = "bh", scope: str = "global",
         q = bh(np.asarray(data), axis=axis)
     else:
         gathered = data.rechunk(-1 if axis is None else {axis: -1})
-        q = gathered.map_blocks(_bh_block, axis, dtype=np.float64).rechunk(data.chunks)
+        # meta given: dask would otherwise call the numba core on an empty block to learn it,
+        # importing and loading it in the client (1 s) for a graph save_results never runs
+        q = gathered.map_blocks(_bh_block, axis, dtype=np.float64,
+                                meta=np.empty((0,) * data.ndim)).rechunk(data.chunks)
     attrs["fdr_backend"] = chosen
     if method == "storey":
         if stats is not None or not lazy:

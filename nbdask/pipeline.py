@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .cache import widen
 from .dispersion import DISPERSION_PRIORS, DISPERSIONS, feature_dispersion
 from .errors import NbdaskWarning, OptionError
 from .fdr import BACKENDS as FDR_BACKENDS
@@ -39,6 +40,7 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
            *per_feature, method, engine, names, check, options, per_feature_names, conditional):
     """Run the method's kernel on one block as apply_ufunc hands it over (singleton axes)."""
     p_b, g_b, r = counts.shape
+    counts = widen(counts)
     size_factor = size_factor.reshape(p_b, r)
     control_counts = control_counts.reshape(g_b, -1)
     xp, _ = namespaces(counts)

@@ -54,8 +54,9 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
     then runs pass 2 and finalises, from any machine that reaches the store. It says which, as
     one log line. Returns the results reopened from the store.
     """
+    from .cache import release as release_cached_counts
     from .cluster import compute_client
-    from .fdr import adjust, worker_threads
+    from .fdr import adjust, release_scratch, worker_threads
 
     exists = _exists(url, storage_options)
     if exists and not overwrite and not resume:
@@ -87,6 +88,7 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
             levels = _filter_levels(results) if fdr != "none" else None
             with compute_client(client=client) as active:
                 stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume, levels)
+                release_cached_counts(active)  # the FDR pass reads p-values, not counts
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
                 final["wall_seconds_estimates"] = round(time.perf_counter() - start, 3)
                 stored = xr.open_zarr(make_store(url, storage_options=storage_options,
@@ -111,7 +113,10 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
                     final.update(q.attrs)
                     q_ds = xr.Dataset({"q_value": q.drop_vars(list(q.coords)).assign_attrs(
                         results["q_value"].attrs)}, attrs=first.attrs)  # mode "a" rewrites group attrs
-                    counts.update(_write_q(active, q_ds, store, grid, progress))
+                    try:
+                        counts.update(_write_q(active, q_ds, store, grid, progress))
+                    finally:
+                        release_scratch(active)
     except BaseException as err:
         _mark_failed(url, storage_options, err)
         if _is_store_failure(err):
