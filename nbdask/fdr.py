@@ -99,10 +99,15 @@ def _chunk_counts(p: np.ndarray) -> np.ndarray:
     from .fdr_fused import chunk_counts
 
     flat = np.ascontiguousarray(p, dtype=np.float64).reshape(-1)
-    bins, below, n_nan = chunk_counts(flat, np.uint64(SHIFT), N_KEYS, LAMBDAS)
+    return counts_row(*chunk_counts(flat, np.uint64(SHIFT), N_KEYS, LAMBDAS), flat.size)
+
+
+def counts_row(bins: np.ndarray, below: np.ndarray, n_nan: int, size: int) -> np.ndarray:
+    """``_chunk_counts``'s row from a numba counting pass's (bins, below, n_nan) over ``size``
+    values."""
     if n_nan < 0:
         raise ValueError("p_value: values outside [0, 1]; BH needs p-values")
-    storey = (flat.size - n_nan) - np.cumsum(below)[:-1]  # count of p >= lambda_j
+    storey = (size - n_nan) - np.cumsum(below)[:-1]  # count of p >= lambda_j
     return np.concatenate([bins, storey, [n_nan]]).astype(np.int64)
 
 

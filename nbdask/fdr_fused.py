@@ -306,13 +306,42 @@ def scatter_by_bucket(ids, q_grouped, starts, carries):
 
 
 @_jit
+def _lambda_index(v, lambdas):
+    """How many of ``lambdas`` (ascending) are <= v."""
+    k = lambdas.shape[0]
+    j = min(int(v * k), k)  # a guess, then corrected exactly
+    while j < k and lambdas[j] <= v:
+        j += 1
+    while j > 0 and lambdas[j - 1] > v:
+        j -= 1
+    return j
+
+
+@_jit
+def _grid_index(v, b, grid, per_log2):
+    """The first point t_k >= v of ``grid`` (ascending, log-spaced, ending at 1; the last bin
+    past it), for v > 0 with bits b: bracketed from the binary exponent and mantissa, so no
+    logarithm is taken."""
+    bins = grid.shape[0]
+    # log2 v ~ (biased exponent - 1023) + mantissa fraction (off by < 0.09): the estimate
+    # lands within a grid point of the bin
+    log2 = ((b >> 52) - 1023) + (b & 0xFFFFFFFFFFFFF) * (1.0 / 4503599627370496.0)
+    k = int((bins - 1) + log2 * per_log2)
+    k = min(max(k, 0), bins - 1)
+    while k > 0 and grid[k - 1] >= v:
+        k -= 1
+    while k < bins - 1 and grid[k] < v:
+        k += 1
+    return k
+
+
+@_jit
 def chunk_counts(flat, shift, n_keys, lambdas):
     """One pass over a chunk's p-values: counts per key bin (bits >> shift), counts by how many
     of ``lambdas`` (ascending) are <= p, and the NaN count. Returns ``(bins, below, n_nan)``;
     ``n_nan`` is -1 when a value lies outside [0, 1]."""
     bins = np.zeros(n_keys, np.int64)
-    k = lambdas.shape[0]
-    below = np.zeros(k + 1, np.int64)
+    below = np.zeros(lambdas.shape[0] + 1, np.int64)
     bits = flat.view(np.uint64)
     n_nan = 0
     for i in range(flat.shape[0]):
@@ -323,12 +352,7 @@ def chunk_counts(flat, shift, n_keys, lambdas):
         if v < 0.0 or v > 1.0:
             return bins, below, -1
         bins[(bits[i] & _UMAGNITUDE) >> shift] += 1
-        j = min(int(v * k), k)  # a guess at #(lambdas <= v), then corrected exactly
-        while j < k and lambdas[j] <= v:
-            j += 1
-        while j > 0 and lambdas[j - 1] > v:
-            j -= 1
-        below[j] += 1
+        below[_lambda_index(v, lambdas)] += 1
     return bins, below, n_nan
 
 
@@ -336,8 +360,7 @@ def chunk_counts(flat, shift, n_keys, lambdas):
 def level_histogram(p, level, grid, out):
     """``filtering.histogram`` of a [P, G] block into ``out`` [levels * bins] (int64, added
     to): each finite p counts at (its feature's ``level``, the first grid point t_k >= p; the
-    last bin past the grid). ``grid`` (ascending, log-spaced, ending at 1) is bracketed from the
-    binary exponent and mantissa of p, so no logarithm is taken."""
+    last bin past the grid)."""
     P, G = p.shape
     bins = grid.shape[0]
     per_log2 = (bins - 1) / (-math.log2(grid[0]))  # grid points per binade
@@ -345,22 +368,36 @@ def level_histogram(p, level, grid, out):
     for i in range(P):
         for g in range(G):
             v = p[i, g]
-            if not math.isfinite(v):
+            if math.isfinite(v):
+                k = _grid_index(v, bits[i, g], grid, per_log2) if v > 0 else 0
+                out[level[g] * bins + k] += 1
+
+
+@_jit
+def block_counts(p, level, grid, shift, n_keys, lambdas, hist):
+    """``chunk_counts`` and ``level_histogram`` (into ``hist``) of a [P, G] block of the
+    estimates pass in one pass over its p-values."""
+    P, G = p.shape
+    bins = np.zeros(n_keys, np.int64)
+    below = np.zeros(lambdas.shape[0] + 1, np.int64)
+    n_grid = grid.shape[0]
+    per_log2 = (n_grid - 1) / (-math.log2(grid[0]))
+    bits = p.view(np.int64)
+    n_nan = 0
+    for i in range(P):
+        for g in range(G):
+            v = p[i, g]
+            if v != v:
+                n_nan += 1
                 continue
-            if v > 0:
-                # log2 v ~ (biased exponent - 1023) + mantissa fraction (off by < 0.09): the
-                # estimate lands within a grid point of the bin
-                b = bits[i, g]
-                log2 = ((b >> 52) - 1023) + (b & 0xFFFFFFFFFFFFF) * (1.0 / 4503599627370496.0)
-                k = int((bins - 1) + log2 * per_log2)
-                k = min(max(k, 0), bins - 1)
-                while k > 0 and grid[k - 1] >= v:
-                    k -= 1
-                while k < bins - 1 and grid[k] < v:
-                    k += 1
-            else:
-                k = 0
-            out[level[g] * bins + k] += 1
+            if v < 0.0 or v > 1.0:
+                return bins, below, -1
+            b = bits[i, g] & _MAGNITUDE
+            bins[b >> shift] += 1
+            below[_lambda_index(v, lambdas)] += 1
+            k = _grid_index(v, b, grid, per_log2) if v > 0 else 0
+            hist[level[g] * n_grid + k] += 1
+    return bins, below, n_nan
 
 
 def bh(p: np.ndarray) -> np.ndarray:

@@ -59,12 +59,29 @@ def histogram(p: np.ndarray, feature_level: np.ndarray) -> np.ndarray:
     [LEVELS * HIST_BINS] int64, flattened (blocks sum)."""
     from .fdr_fused import level_histogram
 
+    p, level, out = _histogram_inputs(p, feature_level)
+    level_histogram(p, level, GRID, out)
+    return out
+
+
+def counts_and_histogram(p: np.ndarray, feature_level: np.ndarray) -> np.ndarray:
+    """The FDR counts of a [P_b, G_b] block (``fdr._chunk_counts``) followed by its
+    ``histogram``, in one pass over its p-values (the estimates pass's block tasks)."""
+    from .fdr import LAMBDAS, N_KEYS, SHIFT, counts_row
+    from .fdr_fused import block_counts
+
+    p, level, hist = _histogram_inputs(p, feature_level)
+    row = counts_row(*block_counts(p, level, GRID, SHIFT, N_KEYS, LAMBDAS, hist), p.size)
+    return np.concatenate([row, hist])
+
+
+def _histogram_inputs(p, feature_level):
+    """(p as a contiguous 2-D float64 block, each column's level as int64, zeroed counts)."""
     p = np.asarray(p, dtype=np.float64)
     p = p.reshape(-1, p.shape[-1]) if p.ndim else p.reshape(1, 1)
     level = np.broadcast_to(np.asarray(feature_level, np.int64).reshape(-1), p.shape[-1:])
-    out = np.zeros(LEVELS * HIST_BINS, np.int64)
-    level_histogram(np.ascontiguousarray(p), np.ascontiguousarray(level), GRID, out)
-    return out
+    return (np.ascontiguousarray(p), np.ascontiguousarray(level),
+            np.zeros(LEVELS * HIST_BINS, np.int64))
 
 
 def rejections(hist: np.ndarray, alpha: float = FILTER_ALPHA) -> np.ndarray:

@@ -222,16 +222,15 @@ def _store_block(*blocks, store, names, run, levels=None, block_info=None):
     optimisation fuse, and rerun, the kernel once per output).
     """
     from .fdr import _chunk_counts
-    from .filtering import histogram
+    from .filtering import counts_and_histogram
 
     _write_region(store, names, blocks, block_info[0], run)
     _array(store, DONE_ARRAY, run)[tuple(block_info[0]["chunk-location"])] = True  # last: done once all arrays are
     p = blocks[names.index("p_value")]
-    out = _chunk_counts(p)
-    if levels is not None:
-        g0, g1 = block_info[0]["array-location"][1]
-        out = np.concatenate([out, histogram(p, levels[g0:g1])])
-    return out[None, None, :]
+    if levels is None:
+        return _chunk_counts(p)[None, None, :]
+    g0, g1 = block_info[0]["array-location"][1]
+    return counts_and_histogram(p, levels[g0:g1])[None, None, :]
 
 
 def _filter_levels(results: xr.Dataset) -> np.ndarray | None:

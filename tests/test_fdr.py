@@ -192,3 +192,24 @@ def test_auto_backend_rule():
     # 40 bytes per p-value against half of 1 GiB: 13.4M p-values no longer gather, even alone
     assert fdr.choose_backend(14_000_000, memory_limit=gib, threads=1) == "buckets"
     assert fdr.choose_backend(13_000_000, memory_limit=gib, threads=1) == "gather"
+
+
+def test_block_counts_match_numpy_counts():
+    """The estimates pass's one-pass counts (``filtering.counts_and_histogram``) against NumPy:
+    key bins of the IEEE bits, Storey's counts of p >= lambda, NaNs, and the filter's histogram
+    by (feature level, first grid point >= p)."""
+    from nbdask import filtering
+
+    p = hard_p_values((300, 257), seed=5)
+    p[0, :4] = [-0.0, 1e-320, 10.0 ** -12.04, filtering.GRID[7]]  # signed zero, subnormal, grid edges
+    level = np.random.default_rng(5).integers(0, filtering.LEVELS, p.shape[1])
+    got = filtering.counts_and_histogram(p, level)
+    ok = ~np.isnan(p)
+    keys = (np.abs(p[ok]).view(np.uint64) >> np.uint64(fdr.SHIFT)).astype(np.int64)
+    storey = [(p[ok] >= lam).sum() for lam in fdr.LAMBDAS]
+    grid_bin = np.minimum(np.searchsorted(filtering.GRID, p, side="left"), filtering.HIST_BINS - 1)
+    cell = np.broadcast_to(level, p.shape) * filtering.HIST_BINS + grid_bin
+    hist = np.bincount(cell[ok], minlength=filtering.LEVELS * filtering.HIST_BINS)
+    want = np.concatenate([np.bincount(keys, minlength=fdr.N_KEYS), storey, [(~ok).sum()], hist])
+    assert np.array_equal(got, want)
+    assert np.array_equal(got, np.concatenate([fdr._chunk_counts(p), filtering.histogram(p, level)]))
