@@ -90,27 +90,89 @@ def _first_level(vals, sv, idx):
     return bounds
 
 
-@_jit
 def _sort_into(vals, out_v, out_i, tmp_v, tmp_i):
     """Sort p-values (>= 0, no NaN) into out_v, their positions into out_i (tmp_*: scratch of
-    the same sizes).
+    the same sizes; positions int32 or int64).
 
-    A balanced first pass over key bins, then most-significant-digit passes of 8 bits over
-    each segment's bit range (in cache once segments are small), and insertion sort below 32
-    values: 41e6 p-values in about 3.5 s on one core, where a comparison argsort, whose accesses
-    miss the cache, takes 10 s.
+    A balanced first pass over key bins (``_first_level``) leaves groups of about n / 256
+    values, each within a narrow bit range. A group whose bit offsets and local positions fit
+    together in 63 bits is packed into one int64 per value and sorted by NumPy (a SIMD sort in
+    cache); the rest (ties only, or too wide) go through 8-bit most-significant-digit passes
+    and insertion sorts (``_radix_groups``). 2e7 real p-values: 0.28 s, against 0.9 s with
+    the digit passes alone and 1.3 s for NumPy's argsort.
     """
-    n = vals.shape[0]
-    if n == 0:
+    if vals.shape[0] == 0:
         return
-    first = _first_level(vals, tmp_v, tmp_i)
+    bounds = _first_level(vals, tmp_v, tmp_i)
+    packed = tmp_v.view(np.int64)  # packed in place: each value is read before its slot is written
+    shift = np.empty(bounds.shape[0] - 1, np.int64)
+    base = np.empty(bounds.shape[0] - 1, np.int64)
+    _pack(packed, bounds, shift, base)
+    for g in np.flatnonzero(shift >= 0):
+        packed[bounds[g]:bounds[g + 1]].sort()
+    _unpack(packed, tmp_i, bounds, shift, base, out_v, out_i)
+    _radix_groups(bounds, shift, out_v, out_i, tmp_v, tmp_i)
+
+
+@_jit
+def _pack(packed, bounds, shift, base):
+    """For each group [bounds[g], bounds[g+1]) of values (as int64 bits in ``packed``): replace
+    each by (bits - the group's smallest) << shift[g] | its position in the group, where that
+    fits in 63 bits; shift[g] = -1 for groups left to ``_radix_groups`` (under 2 values, ties
+    only, or too wide a bit range for their size)."""
+    for g in range(bounds.shape[0] - 1):
+        lo, hi = bounds[g], bounds[g + 1]
+        shift[g] = -1
+        if hi - lo < 2:
+            continue
+        kmin = packed[lo]
+        kmax = kmin
+        for i in range(lo, hi):
+            kmin = min(kmin, packed[i])
+            kmax = max(kmax, packed[i])
+        if kmin == kmax:
+            continue
+        value_bits = 0
+        while ((kmax - kmin) >> value_bits) > 0:
+            value_bits += 1
+        position_bits = 0
+        while ((hi - lo - 1) >> position_bits) > 0:
+            position_bits += 1
+        if value_bits + position_bits > 63:
+            continue
+        shift[g] = position_bits
+        base[g] = kmin
+        for i in range(lo, hi):
+            packed[i] = ((packed[i] - kmin) << position_bits) | (i - lo)
+
+
+@_jit
+def _unpack(packed, tmp_i, bounds, shift, base, out_v, out_i):
+    """The sorted values and their positions in ``vals`` from the packed, sorted groups."""
+    out_bits = out_v.view(np.int64)
+    for g in range(bounds.shape[0] - 1):
+        if shift[g] < 0:
+            continue
+        mask = (np.int64(1) << shift[g]) - 1
+        lo, hi = bounds[g], bounds[g + 1]
+        for i in range(lo, hi):
+            key = packed[i]
+            out_bits[i] = (key >> shift[g]) + base[g]
+            out_i[i] = tmp_i[lo + (key & mask)]
+
+
+@_jit
+def _radix_groups(bounds, packed_shift, out_v, out_i, tmp_v, tmp_i):
+    """Sort the groups ``_pack`` left (shift < 0; their values still in tmp_*) into out_*:
+    8-bit most-significant-digit passes over each segment's bit range (in cache once segments
+    are small), and insertion sort below 32 values."""
     # Segments still to order: (lo, hi, 1 if their values are in tmp_* else 0); out_* is the
     # output, and each pass moves a segment from one pair of buffers to the other.
-    stack = np.empty((first.shape[0] + 64 * (1 << _RADIX_BITS), 3), np.int64)
+    stack = np.empty((bounds.shape[0] + 64 * (1 << _RADIX_BITS), 3), np.int64)
     top = 0
-    for g in range(first.shape[0] - 1):
-        if first[g + 1] > first[g]:
-            stack[top, 0], stack[top, 1], stack[top, 2] = first[g], first[g + 1], 1
+    for g in range(bounds.shape[0] - 1):
+        if packed_shift[g] < 0 and bounds[g + 1] > bounds[g]:
+            stack[top, 0], stack[top, 1], stack[top, 2] = bounds[g], bounds[g + 1], 1
             top += 1
     count = np.empty((1 << _RADIX_BITS) + 1, np.int64)
     while top > 0:
@@ -230,13 +292,19 @@ def bh_pieces(pieces, m: float, offset: int) -> tuple[list[np.ndarray], float]:
     return [q[a:b].copy() for a, b in zip(bounds[:-1], bounds[1:])], low
 
 
-@_jit
 def _bh_sorted(vals, m, offset, carry, sv, idx, q, tmp_i):
     """``bh_block`` into ``q`` (also the sort's scratch for values); returns the minimum term."""
-    n = vals.shape[0]
-    if n == 0:
+    if vals.shape[0] == 0:
         return np.inf
     _sort_into(vals, sv, idx, q, tmp_i)
+    return _bh_ranks(sv, idx, m, offset, carry, q)
+
+
+@_jit
+def _bh_ranks(sv, idx, m, offset, carry, q):
+    """q-values from the sorted values ``sv`` and their positions ``idx``, scattered into
+    ``q``; returns the minimum term."""
+    n = sv.shape[0]
     # From the top: F is the rank of the last of a run of ties (R's "right" edge).
     running = carry
     block_min = np.inf

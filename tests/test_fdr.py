@@ -157,10 +157,11 @@ def test_numba_core_is_bit_identical_to_the_sort_definition(seed):
     assert np.array_equal(fdr.bh(p), fdr.bh_sorted(p.reshape(-1), axis=0).reshape(p.shape), equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", ["hard", "dense", "negative_zero"])
+@pytest.mark.parametrize("kind", ["hard", "dense", "negative_zero", "wide"])
 def test_radix_order_matches_numpy_sort(kind):
-    """The numba sort behind bh_block, on inputs that take every path: skewed key bins, a
-    cluster far narrower than a key bin (many 8-bit passes), ties, and -0.0."""
+    """The sort behind bh_block, on inputs that take every path: skewed key bins, a cluster far
+    narrower than a key bin, ties, -0.0, and a key bin too full for its values and positions
+    to share one 63-bit key (the 8-bit digit passes)."""
     from nbdask.fdr_fused import sort_positions
 
     rng = np.random.default_rng(3)
@@ -168,6 +169,8 @@ def test_radix_order_matches_numpy_sort(kind):
     p = p[~np.isnan(p)]
     if kind == "dense":
         p[: p.size // 2] = 0.5 + rng.uniform(0, 1e-12, p.size // 2)
+    elif kind == "wide":  # 2**20 values filling one key bin: 44 value bits + 20 position bits
+        p = np.concatenate([p, 0.5 + rng.uniform(0, 0.5 / 256, 2 ** 20)])
     elif kind == "negative_zero":
         p[rng.choice(p.size, 1000, replace=False)] = -0.0
     rng.shuffle(p)
