@@ -32,6 +32,11 @@ def active_client():
 #: page faults 640k -> 80k per worker). At most 256 MiB of freed heap stays with a worker.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
 _DISTRIBUTED_TRIM = 65536  # distributed's own MALLOC_TRIM_THRESHOLD_
+#: dask settings of the worker processes nbdask starts (their nannies hand them the config).
+#: distributed's statistical profiler walks every thread's stack each 10 ms for the dashboard,
+#: which nbdask's own cluster serves on loopback only: its threads took about 7% of both cores
+#: in a 4e8-comparison run.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,
@@ -56,7 +61,7 @@ def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,
         if os.environ.get(name) in (None, str(_DISTRIBUTED_TRIM)):
             os.environ[name] = str(environ[name])
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **WORKER_CONFIG}):
             return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                                 processes=True, host="127.0.0.1", memory_limit=memory_limit,
                                 **kwargs)

@@ -114,3 +114,23 @@ def test_own_cluster_keeps_block_sized_arrays_on_the_heap(monkeypatch):
         assert workers_see()["MALLOC_TRIM_THRESHOLD_"] == "4096"
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     assert workers_see()["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+
+
+def test_own_cluster_runs_no_stack_profiler():
+    """distributed's statistical profiler (a thread sampling every stack each 10 ms, for a
+    dashboard nbdask's own cluster serves on loopback only) is off in the workers nbdask
+    starts, and on in a plain LocalCluster."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from nbdask.cluster import local_cluster
+
+    def profiler():
+        return [t.name for t in threading.enumerate() if t.name == "Profile"]
+
+    with local_cluster(workers=1) as cluster, Client(cluster) as client:
+        assert list(client.run(profiler).values()) == [[]]
+    with LocalCluster(n_workers=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert list(client.run(profiler).values()) == [["Profile"]]
