@@ -6,7 +6,7 @@ reduction over the whole cube, so ``test`` reads the counts for the pooling pass
 the workers, each block in the smallest unsigned integer type that holds it (screen counts are
 mostly below 65536: a quarter of int64's bytes, half of int32's), and hands both passes those
 blocks instead of the store's. At 4e8 comparisons on 2 workers the second read of int32
-counts cost about 8 s of a 2-minute run.
+counts cost 8-10 s of the workers' CPU time (about 4 s of a 2-minute run).
 """
 
 from __future__ import annotations
