@@ -62,7 +62,8 @@ def cached_counts(cube: xr.Dataset, *, client, fraction: float = CACHE_MEMORY_FR
     see ``compact``), to pass to ``test`` and then ``save_results``.
 
     The yielded counts keep the store's dtype in their metadata, but their blocks are the
-    compacted ones. Yields ``cube`` unchanged when its counts are not dask-backed or would take more than
+    compacted ones. Yields ``cube`` unchanged when its counts are not dask-backed, when the
+    workers have no memory limit to size them against, or when they would take more than
     ``fraction`` of the cluster's memory. ``save_results`` frees the held blocks once it has
     written the estimates (``release``): results computed from the yielded cube cannot be
     computed again after that. Otherwise they go with the cube and results built on them.
@@ -72,9 +73,10 @@ def cached_counts(cube: xr.Dataset, *, client, fraction: float = CACHE_MEMORY_FR
     memory = _memory(client)
     if counts.chunks is None or not memory or need > fraction * memory:
         if counts.chunks is not None:
-            logger.info("nbdask: counts (%.1f GB compacted) not held in memory: over %.0f%% of "
-                        "the cluster's %.1f GB; they are read once per pass", need / 1e9,
-                        100 * fraction, memory / 1e9)
+            why = (f"over {100 * fraction:.0f}% of the cluster's {memory / 1e9:.1f} GB" if memory
+                   else "the workers have no memory limit")
+            logger.info("nbdask: counts (%.1f GB compacted) not held in memory: %s; they are "
+                        "read once per pass", need / 1e9, why)
         yield cube
         return
     from distributed import futures_of
