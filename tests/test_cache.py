@@ -72,3 +72,19 @@ def test_counts_over_the_budget_stay_in_the_store(cube_path, client):
         assert same is cube
         assert not futures_of(same["counts"].data)
     assert not cache._HELD
+
+
+def test_workers_without_a_memory_limit_get_no_held_counts(cube_path, caplog):
+    """Nothing to size the cache against: the counts stay in the store, and the log says why."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cube = nbdask.open_cube(cube_path)
+    with LocalCluster(n_workers=1, processes=True, host="127.0.0.1", dashboard_address=":0",
+                      memory_limit=0) as cluster, Client(cluster) as client, \
+            caplog.at_level(logging.INFO, logger="nbdask"):
+        with cache.cached_counts(cube, client=client) as same:
+            assert same is cube
+    assert "the workers have no memory limit" in caplog.text
+    assert not cache._HELD
