@@ -18,7 +18,7 @@ from .fdr import FDR_METHODS, FDR_SCOPES, adjust
 from .filtering import filter_p
 from .kernels import DISPERSION_FITS, ENGINES, KERNELS
 from .kernels.backend import is_host, namespaces, to_host
-from .kernels.exact import CONDITIONAL_TESTS, conditional_outputs
+from .kernels.exact import CONDITIONAL_TESTS, conditional_outputs, max_total
 from .kernels.integrate import integrated_outputs
 from .schema import (CONTROL_REPLICATE, FEATURE, NODE, OUTPUTS, PERTURBATION, REPLICATE,
                      check_count_block, check_small_values, validate_structure)
@@ -54,8 +54,13 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
         host_counts = counts if is_host(xp) else to_host(counts)
         check_count_block(host_counts, to_host(size_factor),
                           np.asarray(perturbation).reshape(p_b), np.asarray(feature).reshape(g_b))
+    # A twin that runs the exact test in its own loop skips the Wald tail where the test replaces
+    # it, and a second pass over the block (that pass was ~40% of the estimates' kernel time).
+    fused_exact = conditional is not None and spec.fused_exact and kernel is not spec.kernel
+    if fused_exact:
+        options["max_exact_total"] = max_total(conditional)
     out = kernel(counts, size_factor, control_counts, control_size_factor, **options)
-    if conditional is not None:
+    if conditional is not None and not fused_exact:
         out = conditional_outputs(out, counts, size_factor, control_counts, control_size_factor,
                                   test=conditional, engine=engine)
     if offsets is not None:

@@ -37,6 +37,7 @@ class Method:
     options: dict = field(default_factory=dict)  # option name -> default
     fused: str | None = None  # the numba twin, "<module under kernels>.<function>"
     fused_pooled: bool = False  # the twin takes feature_dispersion / dispersion_spread too
+    fused_exact: bool = False  # the twin runs the conditional exact test itself (max_exact_total)
 
     def select(self, engine: str, xp_is_host: bool):
         """The kernel to run: the numba twin for host arrays unless ``engine="array"``."""
@@ -57,7 +58,8 @@ class Method:
 ENGINES = ("auto", "numba", "array")
 
 KERNELS = {
-    "mom": Method(mom_kernel, ("wald",), fused="mom.fused.mom_fused", fused_pooled=True),
+    "mom": Method(mom_kernel, ("wald",), fused="mom.fused.mom_fused", fused_pooled=True,
+                  fused_exact=True),
     "irls": Method(irls_kernel, ("wald", "lrt"), _ESTIMATES + ("converged", "iterations"),
                    {"dispersion_fit": "ml", "max_iter": 50, "tol": 1e-6}, fused="irls.fused.irls_fused"),
     "transformer": Method(transformer_kernel, ("wald",), options={"weights": None}),

@@ -29,12 +29,10 @@ Two forms of one test: ``array.py`` is the definition over the array namespace (
 
 from __future__ import annotations
 
-import math
-
 from ..backend import is_host, namespaces
 from . import array
 from .array import (AUTO_MAX_TOTAL, BIG, CONDITIONAL_TESTS, LOG_BIG, TRUNCATION, conditional_p,
-                    doubled_tail, group_totals)
+                    doubled_tail, group_totals, max_total)
 
 
 def conditional_outputs(out, counts, size_factor, control_counts, control_size_factor, *,
@@ -54,13 +52,13 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
         except ImportError:
             pass
         else:
-            max_total = AUTO_MAX_TOTAL if test == "auto" else math.inf
             p, z = exact_fused(counts, size_factor, control_counts, control_size_factor,
-                               out["log_dispersion"], out["p_value"], out["statistic"], max_total)
+                               out["log_dispersion"], out["p_value"], out["statistic"],
+                               max_total(test))
             return {**out, "p_value": p, "statistic": z}
     return array.conditional_outputs(out, counts, size_factor, control_counts, control_size_factor,
                                      test=test)
 
 
 __all__ = ["AUTO_MAX_TOTAL", "BIG", "CONDITIONAL_TESTS", "LOG_BIG", "TRUNCATION", "conditional_outputs",
-           "conditional_p", "doubled_tail", "group_totals"]
+           "conditional_p", "doubled_tail", "group_totals", "max_total"]

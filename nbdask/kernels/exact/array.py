@@ -20,6 +20,11 @@ LOG_BIG = math.log(BIG)
 CONDITIONAL_TESTS = ("exact", "auto")
 
 
+def max_total(test: str) -> float:
+    """The largest comparison total count that ``test`` ("auto" or "exact") tests exactly."""
+    return AUTO_MAX_TOTAL if test == "auto" else math.inf
+
+
 def group_totals(xp, counts, size_factor, control_counts, control_size_factor):
     """(obs [P_b, G_b], total [P_b, G_b], L_T [P_b, 1], L2_T [P_b, 1], L_C, L2_C) in float64."""
     f64 = xp.float64
@@ -90,11 +95,11 @@ def conditional_outputs(out, counts, size_factor, control_counts, control_size_f
     """The array form of ``exact.conditional_outputs`` (which picks it or the numba twin): any
     array-API arrays, NumPy or CuPy."""
     xp, special = namespaces(counts)
-    max_total = AUTO_MAX_TOTAL if test == "auto" else math.inf
+    limit = max_total(test)
     obs, total, l_t, l2_t, l_c, l2_c = group_totals(xp, counts, size_factor, control_counts,
                                                     control_size_factor)
     phi = xp.exp(xp.astype(out["log_dispersion"], xp.float64))
-    active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= max_total) & xp.isfinite(phi)
+    active = (xp.isfinite(out["p_value"]) & (total > 0) & (total <= limit) & xp.isfinite(phi)
               & (l_t > 0))
     steps = int(host_scalar(xp.max(xp.where(active, total, 0.0)))) if test == "exact" else AUTO_MAX_TOTAL
     p = conditional_p(xp, obs, total, l_t, l2_t, l_c, l2_c, phi, active, steps=steps)

@@ -112,6 +112,20 @@ def _ndtri_lower(p):
 
 
 @jit
+def exact_one(obs, s, l_t, l2_t, l_c, l2_c, phi):
+    """The test of one comparison: (mid-p, the signed normal quantile with that two-sided p).
+
+    ``obs`` is the treated count total, ``s`` the comparison's, ``l_*`` and ``l2_*`` the sums of
+    each group's size factors and their squares, ``phi`` the dispersion. ``mom.fused`` calls it
+    from the estimator's own loop where the kernel runs the test itself.
+    """
+    pv = _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi)
+    dev = obs * l_c - (s - obs) * l_t
+    z = -_ndtri_lower(0.5 * pv) if pv < 1.0 else 0.0
+    return pv, (z if dev > 0 else (-z if dev < 0 else 0.0))
+
+
+@jit
 def _exact_block(counts, sf, ctrl, csf, log_dispersion, max_total, p_out, z_out):
     """Totals, then the exact p and its signed normal quantile where the kernel's p is finite
     and 0 < total <= max_total (``p_out``/``z_out`` hold the kernel's values on entry)."""
@@ -157,11 +171,7 @@ def _exact_block(counts, sf, ctrl, csf, log_dispersion, max_total, p_out, z_out)
             phi = last_phi[g]
             if not math.isfinite(phi):
                 continue
-            pv = _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi)
-            p_out[p, g] = pv
-            dev = obs * l_c - (s - obs) * l_t
-            z = -_ndtri_lower(0.5 * pv) if pv < 1.0 else 0.0
-            z_out[p, g] = z if dev > 0 else (-z if dev < 0 else 0.0)
+            p_out[p, g], z_out[p, g] = exact_one(obs, s, l_t, l2_t, l_c, l2_c, phi)
 
 
 def exact_fused(counts, size_factor, control_counts, control_size_factor, log_dispersion, p_value,
