@@ -183,6 +183,20 @@ def test_radix_order_matches_numpy_sort(kind):
     assert counts[0] >= (p == 0).sum() and counts[:fdr.N_KEYS].sum() == p.size
 
 
+@pytest.mark.parametrize("bits", [1, 11, 12, 33, 63])
+def test_radix_passes_sort_a_segment_in_place(bits):
+    """``_radix_sort`` (the packed segments' sort) orders keys[lo:hi] of any bit width, with an
+    odd or even number of 11-bit passes, and leaves the rest of the array alone."""
+    from nbdask.fdr_fused import _radix_sort
+
+    rng = np.random.default_rng(bits)
+    keys = rng.integers(0, 2 ** bits, 10_000, dtype=np.int64)
+    before = keys.copy()
+    _radix_sort(keys, np.empty_like(keys), 100, 9_000, bits)
+    assert np.array_equal(keys[100:9_000], np.sort(before[100:9_000]))
+    assert np.array_equal(keys[:100], before[:100]) and np.array_equal(keys[9_000:], before[9_000:])
+
+
 def test_auto_backend_rule():
     """Buckets when the p-values would crowd one worker, or when several threads can share the
     sort of more than PARALLEL_MIN_TESTS; else gather."""
