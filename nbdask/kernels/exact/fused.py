@@ -48,6 +48,32 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
     return tot, etot
 
 
+#: Totals up to this walk every term without truncation or rescaling checks (``_plain_tails``).
+_PLAIN_MAX_TOTAL = 64
+
+
+@jit
+def _plain_tails(obs, s, kt, kc, c):
+    """Both tail sums of a_t / a_obs in plain float64, every term: no branch in the loops, so
+    the divisions overlap. Their sum exceeds BIG (or is NaN) when a term overflowed; the caller
+    then takes ``_exact_walk``."""
+    up = 0.0
+    value = 1.0
+    t = obs
+    while t < s:
+        value *= c * (t + kt) * (s - t) / ((t + 1.0) * (s - t - 1.0 + kc))
+        up += value
+        t += 1.0
+    down = 0.0
+    value = 1.0
+    t = obs
+    while t > 0:
+        value *= t * (s - t + kc) / (c * (t - 1.0 + kt) * (s - t + 1.0))
+        down += value
+        t -= 1.0
+    return up, down
+
+
 @jit
 def _log_tail(tot, etot):
     return math.log(tot) + etot * _LOG_BIG if tot > 0 else -math.inf
@@ -68,6 +94,12 @@ def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     mt = rate * l_t
     mc = rate * l_c
     c = (mt / (mt + kt)) / (mc / (mc + kc))
+    if s <= _PLAIN_MAX_TOTAL:
+        up, down = _plain_tails(obs, s, kt, kc, c)
+        if up <= _BIG and down <= _BIG:  # no term overflowed (nor NaN: comparisons fail)
+            u = up + 0.5
+            d = down + 0.5
+            return min(2.0 * min(u, d) / (u + d), 1.0)
     trunc = kt >= 1.0 and kc >= 1.0
     up, e_up = _exact_walk(obs, s, kt, kc, c, trunc, True)
     down, e_down = _exact_walk(obs, s, kt, kc, c, trunc, False)
