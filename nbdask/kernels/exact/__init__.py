@@ -16,7 +16,9 @@ The walk computes a_t / a_obs outward from the observed t by the recurrence
 a_{t+1} / a_t = c (t + k_T)(s - t) / ((t + 1)(s - t - 1 + k_C)), c = p_T / p_C, p_g = M_g/(M_g+k_g),
 so it costs one division per term; values past 1e280 are rescaled (tracked exponents), so p-values
 down to the float64 range survive. When k_T, k_C >= 1 the distribution is log-concave and a walk
-stops once its terms drop below TRUNCATION of its running tail sum.
+stops once its terms drop below TRUNCATION of its running tail sum. The numba form sums every
+term, untruncated and unscaled, for totals up to 64 (where that is cheaper than checking), and
+walks as above when a term overflows; the two differ by less than TRUNCATION relative.
 
 ``test="auto"`` (the default) runs it where s <= AUTO_MAX_TOTAL, where it matters, and keeps the
 Wald test elsewhere, where the normal approximation is good: like scipy's ``mannwhitneyu``
