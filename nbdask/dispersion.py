@@ -201,10 +201,14 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     valid = (n_t >= 2)[:, None] & (rate_mean > 0)
     keep = valid
     num, den, pearson = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape)
+    total, groups = np.empty(shape[0]), np.empty(shape[0])
+    limit = _CHI2[np.clip(n_t - 2.0, 0, 126).astype(np.int64)]
     for _ in range(OUTLIER_ROUNDS if screen else 0):
         fused.kept_sums(rate_mean, rate_var, n_t, inv_t, keep, num, den)
-        fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c), pearson)
-        keep = _screen(np, pearson, n_t[:, None], valid)
+        fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c),
+                                 valid, pearson, total, groups)
+        keep = np.empty(shape, dtype=bool)
+        fused.screened(pearson, valid, limit, _wild(np, total, groups, n_t), keep)
     phi_c, w_c = _group_phi(np, ctrl)
     rate_c = np.where(ctrl.rate_mean > 0, ctrl.rate_mean, ZERO_GROUP_COUNT / ctrl.library)
     inv_l = np.sum(np.where(present, 1.0 / np.where(present, sf, 1.0), 0.0), axis=-1)
@@ -233,9 +237,15 @@ def _wild_perturbations(xp, pearson, n_t, valid):
     block's features; scores above median + WILD_MADS x (scaled MAD) of the block's scores are
     flagged. Needs at least MIN_FEATURES valid groups per perturbation to say anything.
     """
-    df = xp.maximum(n_t - 1.0, 1.0)
     groups = xp.sum(xp.astype(valid, xp.float64), axis=1)
-    score = xp.sum(xp.where(valid, pearson, 0.0), axis=1) / (xp.where(groups > 0, groups, 1.0) * df[:, 0])
+    return _wild(xp, xp.sum(xp.where(valid, pearson, 0.0), axis=1), groups, n_t[:, 0])[:, None]
+
+
+def _wild(xp, total, groups, n_t):
+    """``_wild_perturbations`` from each perturbation's summed Pearson statistics over its
+    valid groups, their number and its replicates ([P_b] each): [P_b] bool."""
+    df = xp.maximum(n_t - 1.0, 1.0)
+    score = total / (xp.where(groups > 0, groups, 1.0) * df)
     usable = groups >= MIN_FEATURES
     ranked = xp.sort(xp.where(usable, score, xp.inf))
     n = xp.sum(xp.astype(usable, xp.int64))
@@ -243,8 +253,7 @@ def _wild_perturbations(xp, pearson, n_t, valid):
     median = xp.take(ranked, xp.reshape(half, (1,)))[0]
     spread = xp.sort(xp.where(usable, xp.abs(score - median), xp.inf))
     mad = 1.4826 * xp.take(spread, xp.reshape(half, (1,)))[0]
-    wild = usable & (n >= 8) & (score > median + WILD_MADS * mad)
-    return wild[:, None]
+    return usable & (n >= 8) & (score > median + WILD_MADS * mad)
 
 
 def _group_phi(xp, m):

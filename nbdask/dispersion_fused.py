@@ -132,20 +132,39 @@ def pooling_rows(keep, valid, rate_mean, rate_var, n_t, inv_t, library_t, inv_l,
 
 
 @jit
-def pearson_statistics(counts, sf, rate_mean, est, out):
+def pearson_statistics(counts, sf, rate_mean, est, valid, out, total, groups):
     """out[p, g] = sum over present i of (q_i - qbar)^2 / (qbar / l_i + est_g qbar^2) (a zero
-    variance counts as 1), the treated groups' Pearson statistics under dispersions ``est``."""
+    variance counts as 1), the treated groups' Pearson statistics under dispersions ``est``;
+    total[p] and groups[p]: their sum over the perturbation's ``valid`` groups and how many
+    (what ``dispersion._wild`` scores perturbations by)."""
     P, G, R = counts.shape
     keep = np.empty(R, np.int64)
     inv = np.empty(R)
     for p in range(P):
         n = present(sf, p, keep, inv)
+        row_total = 0.0
+        row_groups = 0.0
         for g in range(G):
             qbar = rate_mean[p, g]
             extra = est[g] * qbar * qbar
-            total = 0.0
+            stat = 0.0
             for i in range(n):
                 d = counts[p, g, keep[i]] * inv[i] - qbar
                 var = qbar * inv[i] + extra
-                total += d * d / (var if var > 0 else 1.0)
-            out[p, g] = total
+                stat += d * d / (var if var > 0 else 1.0)
+            out[p, g] = stat
+            if valid[p, g]:
+                row_total += stat
+                row_groups += 1.0
+        total[p] = row_total
+        groups[p] = row_groups
+
+
+@jit
+def screened(pearson, valid, limit, wild, keep):
+    """keep[p, g]: valid, Pearson statistic at most ``limit[p]`` (the chi-square quantile for
+    its replicates) and not in a ``wild`` perturbation, as ``dispersion._screen`` defines it."""
+    P, G = pearson.shape
+    for p in range(P):
+        for g in range(G):
+            keep[p, g] = valid[p, g] and pearson[p, g] <= limit[p] and not wild[p]

@@ -171,13 +171,26 @@ def test_pooled_modes_in_results_and_irls(tmp_path, client):
                                np.broadcast_to(fld, tested.shape)[tested], rtol=1e-6)
 
 
-def test_pooling_sums_fused_equal_array(monkeypatch):
-    """The numba moments/Pearson helpers give the array-API pooling pass's sums."""
+@pytest.mark.parametrize("kind", ["ragged", "wild"])
+def test_pooling_sums_fused_equal_array(monkeypatch, kind):
+    """The numba moments/Pearson/screen helpers give the array-API pooling pass's sums, with
+    perturbations the screen flags as over-dispersed (``"wild"``) too."""
     from nbdask import dispersion
 
-    cube = nbdask.simulate(perturbations=120, features=90, replicates=5, control_replicates=4,
-                           ragged_fraction=0.4, effect_fraction=0.2, seed=21, chunks=120).load()
+    if kind == "wild":
+        cube, wild = effect_cube()
+    else:
+        cube = nbdask.simulate(perturbations=120, features=90, replicates=5, control_replicates=4,
+                               ragged_fraction=0.4, effect_fraction=0.2, seed=21, chunks=120).load()
     arrays = [cube[v].values for v in ("counts", "size_factor", "control_counts", "control_size_factor")]
     fused = dispersion.feature_sums(*arrays)
+    if kind == "wild":  # the screen leaves out whole perturbations here, not only single groups
+        with monkeypatch.context() as m:
+            m.setattr(dispersion, "WILD_MADS", math.inf)
+            groups_only = dispersion.feature_sums(*arrays)
+        row = dispersion.SUMS.index("outliers")
+        print(f"\noutlier groups: {fused[row].sum():.0f}, without the perturbation screen "
+              f"{groups_only[row].sum():.0f}")
+        assert fused[row].sum() > groups_only[row].sum() + 500
     monkeypatch.setattr(dispersion, "_fused", lambda xp: None)
     np.testing.assert_allclose(fused, dispersion.feature_sums(*arrays), rtol=1e-12, atol=0)
