@@ -35,8 +35,12 @@ _DISTRIBUTED_TRIM = 65536  # distributed's own MALLOC_TRIM_THRESHOLD_
 #: dask settings of the worker processes nbdask starts (their nannies hand them the config).
 #: distributed's statistical profiler walks every thread's stack each 10 ms for the dashboard,
 #: which nbdask's own cluster serves on loopback only: its threads took about 7% of both cores
-#: in a 4e8-comparison run.
-WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+#: in a 4e8-comparison run. Its system monitor (CPU, memory, network and disk counters from
+#: psutil, for the same dashboard) ran every 0.5 s in every process: 2-3 CPU-s per process over
+#: a 4e8 run (py-spy); every 2 s, without disk counters, is plenty for a loopback dashboard.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.system-monitor.interval": "2s",
+                 "distributed.admin.system-monitor.disk": False}
 
 
 def local_cluster(*, workers: int | None = None, threads_per_worker: int = 1,

@@ -119,7 +119,8 @@ def test_own_cluster_keeps_block_sized_arrays_on_the_heap(monkeypatch):
 def test_own_cluster_runs_no_stack_profiler():
     """distributed's statistical profiler (a thread sampling every stack each 10 ms, for a
     dashboard nbdask's own cluster serves on loopback only) is off in the workers nbdask
-    starts, and on in a plain LocalCluster."""
+    starts, and on in a plain LocalCluster; their system monitor samples every 2 s without
+    disk counters (0.5 s with them in a plain one)."""
     import threading
 
     from distributed import Client, LocalCluster
@@ -129,8 +130,17 @@ def test_own_cluster_runs_no_stack_profiler():
     def profiler():
         return [t.name for t in threading.enumerate() if t.name == "Profile"]
 
+    def monitor(dask_worker):  # the system monitor's period (ms) and whether it reads disks
+        return dask_worker.periodic_callbacks["monitor"].callback_time, dask_worker.monitor.monitor_disk_io
+
+    def scheduler_monitor(dask_scheduler):
+        return dask_scheduler.periodic_callbacks["monitor"].callback_time
+
     with local_cluster(workers=1) as cluster, Client(cluster) as client:
         assert list(client.run(profiler).values()) == [[]]
+        assert list(client.run(monitor).values()) == [(2000, False)]
+        assert client.run_on_scheduler(scheduler_monitor) == 2000
     with LocalCluster(n_workers=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         assert list(client.run(profiler).values()) == [["Profile"]]
+        assert list(client.run(monitor).values()) == [(500, True)]
