@@ -215,7 +215,7 @@ def release_scratch(client) -> None:
 def _assemble(ids: np.ndarray, shape: tuple, carries: np.ndarray, *q_pieces) -> np.ndarray:
     """The chunk's q-values from its per-bucket pieces, the carries and its bucket ids (the
     inverse of ``_split``)."""
-    from .fdr_fused import release_scratch, scatter_by_bucket, scratch
+    from .fdr_fused import release_scratch, reusable, scatter_by_bucket, scratch
 
     release_scratch(_SORT_SCRATCH)  # every bucket is sorted once a chunk assembles (_carries)
     sizes = np.array([len(x) for x in q_pieces], dtype=np.int64)
@@ -223,7 +223,9 @@ def _assemble(ids: np.ndarray, shape: tuple, carries: np.ndarray, *q_pieces) -> 
     grouped = scratch("assemble", int(sizes.sum()), np.float64)
     if q_pieces:
         np.concatenate(q_pieces, out=grouped)
-    return scatter_by_bucket(ids, grouped, starts, carries).reshape(shape)
+    q = reusable("assembled", ids.shape[0], np.float64)
+    scatter_by_bucket(ids, grouped, starts, carries, q)
+    return q.reshape(shape)
 
 
 def bh_buckets(p, *, bucket_size: int, stats: dict | None = None):

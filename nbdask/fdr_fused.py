@@ -9,6 +9,7 @@ and the scatter back are single passes. The arithmetic is that of ``fdr.bh``,
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import numba
@@ -312,6 +313,22 @@ def scratch(name: str, n: int, dtype) -> np.ndarray:
     return buf[:n]
 
 
+def reusable(name: str, n: int, dtype) -> np.ndarray:
+    """A fresh-looking array of n values for a task's *result*: this thread's last one of
+    ``name`` when nothing outside the pool still refers to it (no view of it is alive, e.g.
+    held by dask as an earlier task's result), else a new one that the pool keeps next.
+
+    A task's 10^7-value output (80 MB, above malloc's mmap threshold) is otherwise a fresh
+    mapping whose pages fault in one by one on the VM (see ``scratch``)."""
+    key, dtype = (threading.get_ident(), name), np.dtype(dtype)
+    buf = _SCRATCH.get(key)
+    # references: the pool's, getrefcount's argument and the local name
+    if buf is None or buf.size < n or buf.dtype != dtype or sys.getrefcount(buf) > 3:
+        _SCRATCH.pop(key, None)
+        buf = _SCRATCH[key] = np.empty(max(n + n // 8, buf.size if buf is not None else 0), dtype)
+    return buf[:n]
+
+
 def release_scratch(names=None) -> int:
     """Drop every thread's work arrays (``scratch``), or those of ``names``; returns the bytes
     freed. A task still using one keeps it alive until it returns."""
@@ -405,13 +422,12 @@ def split_by_bucket(flat, table, shift, n_buckets, grouped):
 
 
 @_jit
-def scatter_by_bucket(ids, q_grouped, starts, carries):
-    """Inverse of ``split_by_bucket``: q for every position of the chunk (NaN where p is NaN),
-    from the q-values grouped by bucket in chunk order, group b starting at ``starts[b]`` and
-    capped by ``carries[b]`` (the running minimum from higher buckets)."""
+def scatter_by_bucket(ids, q_grouped, starts, carries, q):
+    """Inverse of ``split_by_bucket``: q for every position of the chunk (NaN where p is NaN)
+    into ``q``, from the q-values grouped by bucket in chunk order, group b starting at
+    ``starts[b]`` and capped by ``carries[b]`` (the running minimum from higher buckets)."""
     n = ids.shape[0]
     cursor = starts.copy()
-    q = np.empty(n)
     for i in range(n):
         b = ids[i]
         if b != NAN_BUCKET:
@@ -420,7 +436,6 @@ def scatter_by_bucket(ids, q_grouped, starts, carries):
             cursor[b] += 1
         else:
             q[i] = np.nan
-    return q
 
 
 @_jit

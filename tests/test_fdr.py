@@ -197,6 +197,24 @@ def test_radix_passes_sort_a_segment_in_place(bits):
     assert np.array_equal(keys[:100], before[:100]) and np.array_equal(keys[9_000:], before[9_000:])
 
 
+def test_reusable_result_buffers_never_overwrite_a_live_result():
+    """``fdr_fused.reusable`` (the assembled q chunk) hands a thread's buffer out again only
+    once no view of it is alive: a chunk dask still holds keeps its values."""
+    from nbdask.fdr_fused import release_scratch, reusable
+
+    first = reusable("test-result", 1000, np.float64)
+    first[:] = 1.0
+    second = reusable("test-result", 1000, np.float64)  # `first` is alive: a new buffer
+    second[:] = 2.0
+    assert (first == 1.0).all() and not np.shares_memory(first, second)
+    address = second.__array_interface__["data"][0]
+    del first, second
+    third = reusable("test-result", 800, np.float64)  # nothing alive: reused
+    assert third.__array_interface__["data"][0] == address
+    del third
+    assert release_scratch(["test-result"]) > 0
+
+
 def test_auto_backend_rule():
     """Buckets when the p-values would crowd one worker, or when several threads can share the
     sort of more than PARALLEL_MIN_TESTS; else gather."""
