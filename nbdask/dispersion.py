@@ -43,7 +43,7 @@ from .kernels.backend import device, is_host, namespaces, to_host
 from .kernels.moments import GroupMoments, block_moments, group_moments, poisson_term
 from .kernels.mom import DISPERSION_CEILING, MIN_DISPERSION, ZERO_GROUP_COUNT, group_rates
 from .moderation import Evidence, fit_trend, moderate
-from .schema import FEATURE, NODE, host_values
+from .schema import FEATURE, NODE, host_arrays
 
 DISPERSIONS = ("comparison", "feature", "shrunk")
 #: Groups whose Pearson statistic exceeds this chi-square quantile are left out of the pool.
@@ -356,13 +356,15 @@ def feature_dispersion(cube: xr.Dataset, *, prior: str = "trend") -> xr.Dataset:
             new_axes={"k": len(rows)}, concatenate=True, dtype=np.float64,
             adjust_chunks={"b": 1}, screen=screen,
         )
-        sums = to_host(blocks.sum(axis=0).compute())
+        sums = blocks.sum(axis=0)
     else:
-        sums = to_host(_sums_block(counts.data, *(v.data for v in side), screen)[0])
-    control_counts = host_values(cube["control_counts"])
-    control_size_factor = host_values(cube["control_size_factor"]).astype(np.float64)
+        sums = _sums_block(counts.data, *(v.data for v in side), screen)[0]
+    # the small inputs come back in the same round trip as the sums
+    sums, control_counts, control_size_factor, sf = host_arrays(
+        sums, cube["control_counts"], cube["control_size_factor"], cube["size_factor"])
+    control_size_factor = control_size_factor.astype(np.float64)
     out = combine(sums, control_counts, control_size_factor)
-    sf = host_values(cube["size_factor"]).astype(np.float64)
+    sf = sf.astype(np.float64)
     sizes = np.concatenate([control_size_factor, sf[np.isfinite(sf)]])
     ev = evidence(sums, control_counts, control_size_factor, float(np.exp(np.mean(np.log(sizes)))))
     attrs = {"dispersion_prior": prior}

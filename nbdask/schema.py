@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import CubeError
+from .kernels.backend import to_host
 
 PERTURBATION = "perturbation"
 FEATURE = "feature"
@@ -183,27 +184,35 @@ def _check_storage_alignment(name: str, var: xr.DataArray) -> None:
 
 def host_values(var: xr.DataArray) -> np.ndarray:
     """A variable's values as a NumPy array, whether NumPy-, dask- or CuPy-backed."""
-    data = var.data
-    if hasattr(data, "compute"):
-        data = data.compute()
-    get = getattr(data, "get", None)
-    return np.asarray(get() if get is not None and not isinstance(data, np.ndarray) else data)
+    return host_arrays(var)[0]
+
+
+def host_arrays(*variables) -> list[np.ndarray]:
+    """``host_values`` of several variables (DataArrays or arrays), the dask-backed ones in one
+    compute (one round trip to a cluster instead of one each)."""
+    import dask
+
+    datas = [v.data if isinstance(v, xr.DataArray) else v for v in variables]
+    lazy = [i for i, d in enumerate(datas) if hasattr(d, "compute")]
+    for i, values in zip(lazy, dask.compute(*(datas[i] for i in lazy))):
+        datas[i] = values
+    return [to_host(d) for d in datas]
 
 
 def check_small_values(ds: xr.Dataset) -> dict[str, int]:
     """Check size factors and control counts (small arrays, loaded); return design counts."""
-    sf = host_values(ds["size_factor"]).astype(np.float64)
+    sf, csf, cc = host_arrays(ds["size_factor"], ds["control_size_factor"], ds["control_counts"])
+    sf = sf.astype(np.float64)
     bad = ~np.isnan(sf) & ~(np.isfinite(sf) & (sf > 0))
     if bad.any():
         i, r = np.argwhere(bad)[0]
         _fail(f"size_factor: {int(bad.sum())} value(s) are zero, negative or infinite "
               f"(first at perturbation {_label(ds, PERTURBATION, i)!r}, replicate {r}: {sf[i, r]}); "
               f"size factors must be finite and > 0, use NaN to mark an absent replicate")
-    csf = host_values(ds["control_size_factor"]).astype(np.float64)
+    csf = csf.astype(np.float64)
     if not (np.isfinite(csf) & (csf > 0)).all():
         _fail(f"control_size_factor: values must be finite and > 0, found {csf.tolist()}; "
               f"drop control samples without a size factor")
-    cc = host_values(ds["control_counts"])
     _check_count_values("control_counts", cc, np.ones(cc.shape, bool),
                         lambda i: f"feature {_label(ds, FEATURE, i[0])!r}")
     present = np.isfinite(sf).sum(axis=1)
