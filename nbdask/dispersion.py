@@ -176,10 +176,15 @@ def feature_sums(counts, size_factor, control_counts, control_size_factor, *, sc
 def _screen(xp, pearson, n_t, valid):
     """Groups kept in the pool: valid, Pearson statistic under the chi-square limit, and not in
     an over-dispersed perturbation ([P_b, G_b] bool)."""
+    return valid & (pearson <= _outlier_limit(xp, n_t)) & ~_wild_perturbations(xp, pearson, n_t, valid)
+
+
+def _outlier_limit(xp, n_t):
+    """The chi-square quantile (OUTLIER_LEVEL, n - 1 df) for groups of ``n_t`` replicates,
+    shaped like ``n_t``."""
     df_index = xp.astype(xp.clip(n_t - 2.0, 0, 126), xp.int64)
-    limit = xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64, device=device(n_t)), xp.reshape(df_index, (-1,))),
-                       n_t.shape)
-    return valid & (pearson <= limit) & ~_wild_perturbations(xp, pearson, n_t, valid)
+    return xp.reshape(xp.take(xp.asarray(_CHI2, dtype=xp.float64, device=device(n_t)),
+                              xp.reshape(df_index, (-1,))), n_t.shape)
 
 
 def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size_factor, screen):
@@ -202,7 +207,7 @@ def _feature_sums_fused(fused, counts, size_factor, control_counts, control_size
     keep = valid
     num, den, pearson = np.empty(shape[1]), np.empty(shape[1]), np.empty(shape)
     total, groups = np.empty(shape[0]), np.empty(shape[0])
-    limit = _CHI2[np.clip(n_t - 2.0, 0, 126).astype(np.int64)]
+    limit = _outlier_limit(np, n_t)
     for _ in range(OUTLIER_ROUNDS if screen else 0):
         fused.kept_sums(rate_mean, rate_var, n_t, inv_t, keep, num, den)
         fused.pearson_statistics(counts, sf, rate_mean, _pooled(np, num + num_c, den + den_c),

@@ -305,12 +305,7 @@ _SCRATCH: dict[tuple[int, str], np.ndarray] = {}
 def scratch(name: str, n: int, dtype) -> np.ndarray:
     """A work array of n values for this thread and ``name``: reused while large enough, so
     its contents are garbage and it must not outlive the task (return copies, not views)."""
-    key, dtype = (threading.get_ident(), name), np.dtype(dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.size < n or buf.dtype != dtype:
-        _SCRATCH.pop(key, None)  # freed before its successor is allocated
-        buf = _SCRATCH[key] = np.empty(n + n // 8, dtype)  # room for a slightly larger next one
-    return buf[:n]
+    return _pooled(name, n, dtype, result=False)
 
 
 def reusable(name: str, n: int, dtype) -> np.ndarray:
@@ -320,12 +315,17 @@ def reusable(name: str, n: int, dtype) -> np.ndarray:
 
     A task's 10^7-value output (80 MB, above malloc's mmap threshold) is otherwise a fresh
     mapping whose pages fault in one by one on the VM (see ``scratch``)."""
+    return _pooled(name, n, dtype, result=True)
+
+
+def _pooled(name, n, dtype, *, result):
     key, dtype = (threading.get_ident(), name), np.dtype(dtype)
     buf = _SCRATCH.get(key)
-    # references: the pool's, getrefcount's argument and the local name
-    if buf is None or buf.size < n or buf.dtype != dtype or sys.getrefcount(buf) > 3:
-        _SCRATCH.pop(key, None)
-        buf = _SCRATCH[key] = np.empty(max(n + n // 8, buf.size if buf is not None else 0), dtype)
+    # A result's buffer is taken again only when its references are the pool's, this name and
+    # getrefcount's argument: no view of it lives on.
+    if buf is None or buf.size < n or buf.dtype != dtype or result and sys.getrefcount(buf) > 3:
+        _SCRATCH.pop(key, None)  # freed (unless still held) before its successor is allocated
+        buf = _SCRATCH[key] = np.empty(n + n // 8, dtype)  # room for a slightly larger next one
     return buf[:n]
 
 

@@ -17,6 +17,18 @@ from .array import TRUNCATION as _TRUNCATION
 
 
 @jit
+def _up(t, s, kt, kc, c):
+    """a_{t+1} / a_t, the walk's step above t."""
+    return c * (t + kt) * (s - t) / ((t + 1.0) * (s - t - 1.0 + kc))
+
+
+@jit
+def _down(t, s, kt, kc, c):
+    """a_{t-1} / a_t, the walk's step below t."""
+    return t * (s - t + kc) / (c * (t - 1.0 + kt) * (s - t + 1.0))
+
+
+@jit
 def _exact_walk(obs, s, kt, kc, c, trunc, up):
     """``array._walk`` for one comparison: its tail sum as (mantissa, exponent): the sum is
     mantissa * BIG**exponent (mantissa 0 when empty)."""
@@ -27,10 +39,10 @@ def _exact_walk(obs, s, kt, kc, c, trunc, up):
     t = obs
     while (t < s) if up else (t > 0):
         if up:
-            value *= c * (t + kt) * (s - t) / ((t + 1.0) * (s - t - 1.0 + kc))
+            value *= _up(t, s, kt, kc, c)
             t += 1.0
         else:
-            value *= t * (s - t + kc) / (c * (t - 1.0 + kt) * (s - t + 1.0))
+            value *= _down(t, s, kt, kc, c)
             t -= 1.0
         if value > _BIG:
             value /= _BIG
@@ -61,14 +73,14 @@ def _plain_tails(obs, s, kt, kc, c):
     value = 1.0
     t = obs
     while t < s:
-        value *= c * (t + kt) * (s - t) / ((t + 1.0) * (s - t - 1.0 + kc))
+        value *= _up(t, s, kt, kc, c)
         up += value
         t += 1.0
     down = 0.0
     value = 1.0
     t = obs
     while t > 0:
-        value *= t * (s - t + kc) / (c * (t - 1.0 + kt) * (s - t + 1.0))
+        value *= _down(t, s, kt, kc, c)
         down += value
         t -= 1.0
     return up, down
@@ -86,6 +98,15 @@ def _logaddexp(a, b):
 
 
 @jit
+def _doubled(up, down):
+    """The doubled mid-p from tail sums relative to the observed table's probability, without
+    logs: 2 min(U + 1/2, D + 1/2) / (U + D + 1), capped at 1."""
+    u = up + 0.5
+    d = down + 0.5
+    return min(2.0 * min(u, d) / (u + d), 1.0)
+
+
+@jit
 def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     """``exact.conditional_p`` for one comparison (doubled mid-p tail)."""
     rate = s / (l_t + l_c)
@@ -97,18 +118,12 @@ def _exact_p(obs, s, l_t, l2_t, l_c, l2_c, phi):
     if s <= _PLAIN_MAX_TOTAL:
         up, down = _plain_tails(obs, s, kt, kc, c)
         if up <= _BIG and down <= _BIG:  # no term overflowed (nor NaN: comparisons fail)
-            u = up + 0.5
-            d = down + 0.5
-            return min(2.0 * min(u, d) / (u + d), 1.0)
+            return _doubled(up, down)
     trunc = kt >= 1.0 and kc >= 1.0
     up, e_up = _exact_walk(obs, s, kt, kc, c, trunc, True)
     down, e_down = _exact_walk(obs, s, kt, kc, c, trunc, False)
-    if e_up == 0 and e_down == 0:
-        # No tail term passed BIG (the usual case): the same quantity without logs, relative
-        # to the observed table's probability, as 2 min(U + 1/2, D + 1/2) / (U + D + 1).
-        u = up + 0.5
-        d = down + 0.5
-        return min(2.0 * min(u, d) / (u + d), 1.0)
+    if e_up == 0 and e_down == 0:  # no tail term passed BIG (the usual case)
+        return _doubled(up, down)
     half = math.log(0.5)
     lu = _logaddexp(_log_tail(up, e_up), half)
     ld = _logaddexp(_log_tail(down, e_down), half)
