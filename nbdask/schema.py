@@ -14,7 +14,6 @@ import numpy as np
 import xarray as xr
 
 from .errors import CubeError
-from .kernels.backend import to_host
 
 PERTURBATION = "perturbation"
 FEATURE = "feature"
@@ -191,6 +190,8 @@ def host_arrays(*variables) -> list[np.ndarray]:
     """``host_values`` of several variables (DataArrays or arrays), the dask-backed ones in one
     compute (one round trip to a cluster instead of one each)."""
     import dask
+
+    from .kernels.backend import to_host  # here: the schema module stays free of the kernels
 
     datas = [v.data if isinstance(v, xr.DataArray) else v for v in variables]
     lazy = [i for i, d in enumerate(datas) if hasattr(d, "compute")]
