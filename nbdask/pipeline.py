@@ -55,7 +55,7 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
         check_count_block(host_counts, to_host(size_factor),
                           np.asarray(perturbation).reshape(p_b), np.asarray(feature).reshape(g_b))
     # A twin that runs the exact test in its own loop skips the Wald tail where the test replaces
-    # it, and a second pass over the block (that pass was ~40% of the estimates' kernel time).
+    # it, and a second pass over the block (a 10^6-comparison block of a screen: 109 -> 91 ms).
     fused_exact = conditional is not None and spec.fused_exact and kernel is not spec.kernel
     if fused_exact:
         options["max_exact_total"] = max_total(conditional)
