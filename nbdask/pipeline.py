@@ -69,6 +69,37 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     return tuple(out[name] for name in names)
 
 
+def _lazy_outputs(counts, side, per_feature, names, block_options) -> list[xr.DataArray]:
+    """The outputs of ``_block`` over a dask-backed cube, [perturbation, feature] each.
+
+    One task per block returns all outputs as a tuple, and each output takes its item in a
+    blockwise task, which save_results' writer fuses into its own per-block task. xarray's
+    multi-output ``apply_ufunc`` splits the tuple in materialized tasks that dask cannot fuse:
+    six more tasks per block. On the 2-core development VM, 400 blocks of six 4 MB outputs went
+    from 3337 tasks in 4.3-5.0 s to 537 tasks in 2.0-2.3 s (3.3-4.4 CPU-s less).
+    """
+    import operator
+
+    import dask.array as da
+
+    core = [REPLICATE, REPLICATE, CONTROL_REPLICATE, CONTROL_REPLICATE, None, None]
+    loops = [(PERTURBATION, FEATURE), (PERTURBATION,), (FEATURE,), (), (PERTURBATION,), (FEATURE,)]
+    core += [NODE if NODE in v.dims else None for v in per_feature]
+    loops += [(FEATURE,)] * len(per_feature)
+    letters = {PERTURBATION: "p", FEATURE: "f", REPLICATE: "r", CONTROL_REPLICATE: "c", NODE: "n"}
+    pairs = []
+    for var, loop, extra in zip([counts, *side, *per_feature], loops, core):
+        dims = loop + ((extra,) if extra else ())
+        pairs += [var.transpose(*dims).data, "".join(letters[d] for d in dims)]
+    blocks = da.blockwise(_block, "pf", *pairs, concatenate=True, dtype=object,
+                          meta=np.empty((0, 0), object), **block_options)
+    coords = {d: counts[d] for d in (PERTURBATION, FEATURE) if d in counts.coords}
+    return [xr.DataArray(blocks.map_blocks(operator.getitem, i, dtype=OUTPUTS[n].dtype,
+                                           meta=np.empty((0, 0), OUTPUTS[n].dtype)),
+                         dims=(PERTURBATION, FEATURE), coords=coords)
+            for i, n in enumerate(names)]
+
+
 def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str = "bh",
          fdr_scope: str = "global", dispersion: str = "feature", dispersion_prior: str = "trend",
          dispersion_fit: str = "ml",
@@ -186,17 +217,17 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
             per_feature.append(arr.chunk({d: chunks[FEATURE] if d == FEATURE else -1 for d in arr.dims})
                                if chunks else arr)
     names = list(spec.outputs)
-    outputs = xr.apply_ufunc(
-        _block, counts, *side, *per_feature,
-        input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []]
-        + [[d for d in v.dims if d == NODE] for v in per_feature],
-        output_core_dims=[[] for _ in names],
-        dask="parallelized",
-        output_dtypes=[np.dtype(OUTPUTS[n].dtype) for n in names],
-        kwargs={"method": method, "engine": engine, "names": names, "check": check_counts,
-                "options": kernel_options, "per_feature_names": per_feature_names,
-                "conditional": test if test in CONDITIONAL_TESTS else None},
-    )
+    block_options = {"method": method, "engine": engine, "names": names, "check": check_counts,
+                     "options": kernel_options, "per_feature_names": per_feature_names,
+                     "conditional": test if test in CONDITIONAL_TESTS else None}
+    if counts.chunks is not None:
+        outputs = _lazy_outputs(counts, side, per_feature, names, block_options)
+    else:
+        outputs = xr.apply_ufunc(
+            _block, counts, *side, *per_feature,
+            input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []]
+            + [[d for d in v.dims if d == NODE] for v in per_feature],
+            output_core_dims=[[] for _ in names], kwargs=block_options)
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}
     results = xr.Dataset(
         {n: out.transpose(PERTURBATION, FEATURE).assign_attrs(OUTPUTS[n].attrs())

@@ -70,6 +70,22 @@ def test_end_to_end_on_local_cluster(cube_path, tmp_path, client):
     assert group["q_value"].shards == (16, 16)  # though the FDR pass reads larger chunks
 
 
+def test_each_block_runs_the_kernel_once_in_one_task(cube_path, tmp_path, client):
+    """The estimates pass runs one task per block for the kernel and its writes, not a task
+    per output besides (distributed's task stream, on a real cluster)."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    cube = nbdask.open_cube(cube_path)
+    n_blocks = 4 * 3
+    with get_task_stream(client) as stream:
+        nbdask.save_results(nbdask.test(cube, dispersion="comparison", fdr="none"),
+                            str(tmp_path / "r.zarr"))
+    names = [key_split(task["key"]) for task in stream.data]
+    kernel = [n for n in names if n.startswith("block")]
+    assert len(kernel) == n_blocks, sorted(set(kernel))  # before: block, block_0 ... block_5
+
+
 def test_fdr_pass_chunks():
     """Whole shards stacked along perturbation up to 2**24 values, keeping 4 chunks per thread."""
     from nbdask.writer import _fdr_grid
