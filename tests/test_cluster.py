@@ -120,7 +120,8 @@ def test_own_cluster_runs_no_stack_profiler():
     """distributed's statistical profiler (a thread sampling every stack each 10 ms, for a
     dashboard nbdask's own cluster serves on loopback only) is off in the workers nbdask
     starts, and on in a plain LocalCluster; their system monitor samples every 2 s without
-    disk counters (0.5 s with them in a plain one)."""
+    disk counters (0.5 s with them in a plain one), and every server times its event loop every
+    500 ms (20 ms in a plain one)."""
     import threading
 
     from distributed import Client, LocalCluster
@@ -136,11 +137,17 @@ def test_own_cluster_runs_no_stack_profiler():
     def scheduler_monitor(dask_scheduler):
         return dask_scheduler.periodic_callbacks["monitor"].callback_time
 
+    def ticks(dask_worker=None, dask_scheduler=None):  # the event-loop timer's period (ms)
+        return (dask_worker or dask_scheduler).periodic_callbacks["tick"].callback_time
+
     with local_cluster(workers=1) as cluster, Client(cluster) as client:
         assert list(client.run(profiler).values()) == [[]]
         assert list(client.run(monitor).values()) == [(2000, False)]
         assert client.run_on_scheduler(scheduler_monitor) == 2000
+        assert list(client.run(ticks).values()) == [500] and client.run_on_scheduler(ticks) == 500
+        assert [n.periodic_callbacks["tick"].callback_time for n in cluster.workers.values()] == [500]
     with LocalCluster(n_workers=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         assert list(client.run(profiler).values()) == [["Profile"]]
         assert list(client.run(monitor).values()) == [(500, True)]
+        assert list(client.run(ticks).values()) == [20] and client.run_on_scheduler(ticks) == 20
