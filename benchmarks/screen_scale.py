@@ -10,6 +10,8 @@ With ``--cli`` the cube comes from ``nbdask simulate`` with its default shards (
 command a user runs, ``nbdask test CUBE OUT --workers N``, is timed from process start to exit
 beside the in-process pipeline (``--cli-only`` skips the latter): the figure a user gets,
 process start, cluster start, validation, the pooling pass and the FDR pass included.
+``--raw-again`` measures the raw read + write once more after the command and prints the ratio
+to it and to the mean of both: on a shared VM the machine's speed drifts within a run.
 
     python benchmarks/screen_scale.py --perturbations 20000 --features 20000 --workers 2 \\
         --memory-limit 8GiB [--cli]
@@ -60,6 +62,18 @@ def raw_write(path: str, shape, shard: int, names) -> float:
     return time.perf_counter() - start
 
 
+def raw_io(args, cube_path, out: str, names) -> tuple[float, float]:
+    """(raw read + decompress of the counts, raw compress + write of ``names``), seconds, on
+    the active client."""
+    counts = da.from_zarr(zarr.open_array(str(cube_path / "counts"), mode="r"))
+    start = time.perf_counter()
+    counts.sum().compute()
+    read = time.perf_counter() - start
+    write = raw_write(f"{out}/raw.zarr", (args.perturbations, args.features), args.shards, names)
+    shutil.rmtree(f"{out}/raw.zarr", ignore_errors=True)
+    return read, write
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--perturbations", type=int, default=5000)
@@ -79,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cli", action="store_true",
                     help="cube from `nbdask simulate` (default shards); time `nbdask test` too")
     ap.add_argument("--cli-only", action="store_true", help="with --cli: skip the in-process run")
+    ap.add_argument("--raw-again", action="store_true",
+                    help="with --cli: measure the raw read + write again after the command, so a "
+                         "drift of the machine's speed during the run shows")
     ap.add_argument("--cupy", action="store_true",
                     help="move blocks to the GPU: the array-API kernels on CuPy (benchmarks/gpu.py)")
     args = ap.parse_args(argv)
@@ -114,17 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                                        chunks=args.shards)
                 nbdask.save_cube(cube, str(cube_path), overwrite=True)
                 print(f"simulated in {time.perf_counter() - start:.1f} s")
-            counts = da.from_zarr(zarr.open_array(str(cube_path / "counts"), mode="r"))
-            start = time.perf_counter()
-            counts.sum().compute()
-            t["raw_read"] = time.perf_counter() - start
             names = [v for v in OUTPUTS if OUTPUTS[v].dims == ("perturbation", "feature")
                      and v not in ("converged", "iterations")]
             if args.method == "irls":
                 names += ["converged", "iterations"]
-            t["raw_write"] = raw_write(f"{out}/raw.zarr", (args.perturbations, args.features),
-                                       args.shards, names)
-            shutil.rmtree(f"{out}/raw.zarr", ignore_errors=True)
+            t["raw_read"], t["raw_write"] = raw_io(args, cube_path, out, names)
             if not args.cli_only:
                 saved, peak, limit = in_process(args, cube_path, out, client, t)
         if args.cli:
@@ -136,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run([nbdask_cli, "test", str(cube_path), f"{out}/cli.zarr", "--workers",
                             str(args.workers), "--no-progress", *options], check=True)
             t["cli"] = time.perf_counter() - start
+            if args.raw_again:
+                with local_cluster(workers=args.workers, threads_per_worker=args.threads_per_worker,
+                                   memory_limit=args.memory_limit) as cluster, Client(cluster):
+                    t["raw_read_after"], t["raw_write_after"] = raw_io(args, cube_path, out, names)
         io = t["raw_read"] + t["raw_write"]
         print(f"nbdask screen-scale benchmark ({machine()}{', CuPy blocks' if args.cupy else ''}, "
               f"{args.workers} workers x "
@@ -163,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         if "cli" in t:
             print(f"nbdask test (CLI, process start to exit) {t['cli']:6.1f} s")
             print(f"ratio CLI / (raw read + raw write)   {t['cli'] / io:8.2f}x")
+        if "raw_read_after" in t:
+            after = t["raw_read_after"] + t["raw_write_after"]
+            print(f"raw read + write again, after the CLI {t['raw_read_after']:5.1f} + "
+                  f"{t['raw_write_after']:.1f} s")
+            print(f"ratio CLI / (raw read + raw write), after {t['cli'] / after:4.2f}x; "
+                  f"to the mean of both {t['cli'] / ((io + after) / 2):.2f}x")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
