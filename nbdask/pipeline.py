@@ -69,6 +69,18 @@ def _block(counts, size_factor, control_counts, control_size_factor, perturbatio
     return tuple(out[name] for name in names)
 
 
+#: ``_block``'s inputs in order (counts, size factors, control counts, control size factors,
+#: perturbation labels, feature labels, then the per-feature variables): (loop dims, core dim).
+_BLOCK_INPUTS = [((PERTURBATION, FEATURE), REPLICATE), ((PERTURBATION,), REPLICATE),
+                 ((FEATURE,), CONTROL_REPLICATE), ((), CONTROL_REPLICATE), ((PERTURBATION,), None),
+                 ((FEATURE,), None)]
+
+
+def _block_inputs(per_feature) -> list[tuple[tuple[str, ...], str | None]]:
+    """``_BLOCK_INPUTS`` followed by the per-feature variables' (loop dims, core dim)."""
+    return _BLOCK_INPUTS + [((FEATURE,), NODE if NODE in v.dims else None) for v in per_feature]
+
+
 def _lazy_outputs(counts, side, per_feature, names, block_options) -> list[xr.DataArray]:
     """The outputs of ``_block`` over a dask-backed cube, [perturbation, feature] each.
 
@@ -82,14 +94,10 @@ def _lazy_outputs(counts, side, per_feature, names, block_options) -> list[xr.Da
 
     import dask.array as da
 
-    core = [REPLICATE, REPLICATE, CONTROL_REPLICATE, CONTROL_REPLICATE, None, None]
-    loops = [(PERTURBATION, FEATURE), (PERTURBATION,), (FEATURE,), (), (PERTURBATION,), (FEATURE,)]
-    core += [NODE if NODE in v.dims else None for v in per_feature]
-    loops += [(FEATURE,)] * len(per_feature)
     letters = {PERTURBATION: "p", FEATURE: "f", REPLICATE: "r", CONTROL_REPLICATE: "c", NODE: "n"}
     pairs = []
-    for var, loop, extra in zip([counts, *side, *per_feature], loops, core):
-        dims = loop + ((extra,) if extra else ())
+    for var, (loop, core) in zip([counts, *side, *per_feature], _block_inputs(per_feature)):
+        dims = loop + ((core,) if core else ())
         pairs += [var.transpose(*dims).data, "".join(letters[d] for d in dims)]
     blocks = da.blockwise(_block, "pf", *pairs, concatenate=True, dtype=object,
                           meta=np.empty((0, 0), object), **block_options)
@@ -225,8 +233,7 @@ def test(cube: xr.Dataset, *, method: str = "mom", test: str = "auto", fdr: str 
     else:
         outputs = xr.apply_ufunc(
             _block, counts, *side, *per_feature,
-            input_core_dims=[[REPLICATE], [REPLICATE], [CONTROL_REPLICATE], [CONTROL_REPLICATE], [], []]
-            + [[d for d in v.dims if d == NODE] for v in per_feature],
+            input_core_dims=[[core] if core else [] for _, core in _block_inputs(per_feature)],
             output_core_dims=[[] for _ in names], kwargs=block_options)
     coords = {d: cube[d] for d in (PERTURBATION, FEATURE) if d in cube.coords}
     results = xr.Dataset(
