@@ -65,9 +65,14 @@ def _add_where(parser: argparse.ArgumentParser, default: str) -> None:
                        f"tcp://127.0.0.1:8786 (default: {default})")
 
 
+#: What ``nbdask --help`` says first.
+DESCRIPTION = ("Negative-binomial tests of every perturbation x feature comparison of a count "
+               "cube, on Dask.")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nbdask", description=__doc__.split("\n")[0],
+        prog="nbdask", description=DESCRIPTION,
         epilog="example (five minutes on a laptop):\n"
                "  nbdask simulate screen.zarr --perturbations 500 --features 500 --seed 1\n"
                "  nbdask test screen.zarr results.zarr --workers 2\n"

@@ -23,6 +23,7 @@ def test_every_help_ends_with_an_example(command, capsys):
     start = max(i for i, line in enumerate(lines) if line.startswith("example"))
     example = [line for line in lines[start + 1:] if line.startswith("  nbdask ")]
     assert example, out.out
+    assert "``" not in out.out  # reStructuredText quoting is for docstrings, not for a terminal
     if command is not None:
         assert all(line.startswith(f"  nbdask {command}") for line in example)
         assert lines[-1].startswith(("  nbdask", "      --")), lines[-1]

@@ -110,6 +110,77 @@ def test_import_table_on_the_command_line(tmp_path):
     assert info.returncode == 0 and "validation: OK" in info.stdout, info.stdout + info.stderr
 
 
+def featurecounts(table, path):
+    """``table`` as featureCounts writes it: its program line, annotation columns and BAM paths
+    as sample names (gzipped when ``path`` ends in .gz)."""
+    out = table.copy()
+    out.columns = [f"/data/run 1/{s}.bam" for s in table.columns]
+    for k, column in enumerate(["Chr", "Start", "End", "Strand", "Length"]):
+        out.insert(k, column, ["chr1", 1, 100, "+", 100][k])
+    out.index.name = "Geneid"
+    text = ('# Program:featureCounts v2.0.6; Command:"featureCounts" "-a" "genes.gtf" "-o" '
+            '"counts.txt" "/data/run 1/ctrl1.bam"\n' + out.to_csv(sep="\t"))
+    if str(path).endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        Path(path).write_text(text)
+
+
+@pytest.mark.parametrize("name", ["counts.txt", "counts.txt.gz"])
+def test_featurecounts_output_loads_as_written(tmp_path, name):
+    table, sheet = bulk(seed=3)
+    featurecounts(table, tmp_path / name)
+    sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    cube = nbdask.from_table(tmp_path / name, tmp_path / "samples.tsv", group_column="condition",
+                             control="untreated")
+    plain = nbdask.from_table(table, sheet, group_column="condition", control="untreated",
+                              sample_column="sample")
+    for name_ in ("counts", "control_counts", "size_factor", "control_size_factor"):
+        np.testing.assert_array_equal(cube[name_].values, plain[name_].values, err_msg=name_)
+    np.testing.assert_array_equal(cube.control_sample.values, ["ctrl1", "ctrl2", "ctrl3"])
+    assert cube.attrs["dropped_columns"] == ["Chr", "Start", "End", "Strand", "Length"]
+    assert cube.attrs["sample_ids_from"] == "file names (/data/run 1/ctrl1.bam -> ctrl1)"
+
+
+def test_rows_of_reads_assigned_to_no_gene_are_dropped(tmp_path):
+    """htseq-count's summary rows (at the end) and STAR's (at the start) are not genes."""
+    table, sheet = bulk(seed=4)
+    star = pd.DataFrame(7, index=["N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous"],
+                        columns=table.columns)
+    htseq = pd.DataFrame(100000, columns=table.columns,
+                         index=["__no_feature", "__ambiguous", "__too_low_aQual", "__not_aligned",
+                                "__alignment_not_unique"])
+    counts, samples = write(tmp_path, pd.concat([star, table, htseq]).rename_axis("gene"), sheet)
+    r = _run("import", "table", counts, tmp_path / "cube.zarr", "--samples", samples,
+             "--group-column", "condition", "--control", "untreated")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert ("dropped rows         9 of reads assigned to no gene (N_unmapped, N_multimapping, "
+            "N_noFeature, N_ambiguous, __no_feature, ...)") in r.stdout.splitlines()
+    cube = nbdask.open_cube(str(tmp_path / "cube.zarr"))
+    np.testing.assert_array_equal(cube.feature.values, table.index)
+    expected = pd.Series(deseq2_size_factors(table.to_numpy()), index=table.columns)
+    np.testing.assert_allclose(cube.control_size_factor.values, expected[["ctrl1", "ctrl2", "ctrl3"]],
+                               rtol=1e-12)
+
+
+def test_a_commented_header_is_kept_and_file_names_rename_only_when_needed(tmp_path):
+    table, sheet = bulk(seed=5)
+    path = tmp_path / "counts.tsv"
+    path.write_text("#gene_id\t" + table.to_csv(sep="\t").split("\t", 1)[1])
+    cube = nbdask.from_table(path, sheet, group_column="condition", control="untreated",
+                             sample_column="sample")
+    np.testing.assert_array_equal(cube.feature.values, table.index)
+    assert "sample_ids_from" not in cube.attrs and "dropped_rows" not in cube.attrs
+    # s1.bam and s1.sam would both be s1: no renaming, and the usual one-line error
+    clash = table.set_axis([f"{s}.bam" for s in SAMPLES[:-1]] + [f"{SAMPLES[0]}.sam"], axis=1)
+    with pytest.raises(nbdask.SourceError, match="are not columns of counts"):
+        nbdask.from_table(clash, sheet, group_column="condition", control="untreated",
+                          sample_column="sample")
+
+
 def test_every_table_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     """Two cases (a missing file, a bad value read from the table) through the console's process
     (its whole stderr); the others through the CLI's main() here."""

@@ -140,6 +140,14 @@ def summary_lines(cube) -> list[str]:
         f"{unit + 's used':<20} {a[f'n_{unit}s_used']:,} of {a[f'n_{unit}s']:,}"
         f" ({a[f'n_{unit}s_unlabelled']:,} without a label)",
     ]
+    if a.get("sample_ids_from"):
+        lines.append(f"sample ids           from {a['sample_ids_from']}")
+    if a.get("dropped_columns"):
+        lines.append(f"dropped columns      {', '.join(a['dropped_columns'])} (featureCounts annotation)")
+    if a.get("dropped_rows"):
+        rows = a["dropped_rows"]
+        lines.append(f"dropped rows         {len(rows):,} of reads assigned to no gene "
+                     f"({', '.join(rows[:5])}{', ...' if len(rows) > 5 else ''})")
     if unit == "cell":
         lines.append(f"dropped groups       {a['n_dropped_treated_groups']:,} treated, "
                      f"{a['n_dropped_control_groups']:,} control (< {a['min_cells']} cells: "

@@ -1,7 +1,9 @@
 """Bulk RNA-seq count table + sample sheet into a count cube: ``nbdask.from_table``.
 
 The table is genes x samples (first column: gene ids; header: sample ids), the sheet one row per
-sample (first column, or ``sample_column``: sample ids) with a group column. Every non-control
+sample (first column, or ``sample_column``: sample ids) with a group column. The count tools'
+own layouts load as they come: featureCounts' comment line and annotation columns, and BAM paths
+as column names, htseq-count's and STAR's rows of reads assigned to no gene (``_load``). Every non-control
 group becomes a perturbation whose replicates are its samples; the control group's samples are
 the control replicates. The same layout code as single-cell pseudobulk runs with one "cell" per
 sample, so the two doors cannot drift apart.
@@ -9,8 +11,11 @@ sample, so the two doors cannot drift apart.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import dask
 import numpy as np
@@ -25,6 +30,15 @@ from .size_factors import check_option
 #: Default shard (= dask chunk) of the cube along perturbation and feature.
 DEFAULT_SHARDS = 1024
 TABLE_FIX = "the table must hold raw read counts (not TPM, FPKM or normalised values)"
+#: featureCounts' annotation columns, between the gene ids and the samples.
+FEATURECOUNTS_COLUMNS = ("Chr", "Start", "End", "Strand", "Length")
+#: Rows of reads that a count tool assigned to no gene: STAR's ReadsPerGene rows; and every id
+#: that starts with "__" (htseq-count's ``__no_feature``, ``__ambiguous``, ...), as DESeq2's
+#: ``DESeqDataSetFromHTSeqCount`` drops them.
+STAR_ROWS = ("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous")
+#: Suffixes of alignment files, whose paths featureCounts writes as sample column names.
+ALIGNMENT_SUFFIXES = (".bam", ".sam", ".cram")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def _read(path, what: str, **kwargs) -> pd.DataFrame:
@@ -32,7 +46,7 @@ def _read(path, what: str, **kwargs) -> pd.DataFrame:
     name = path.name.removesuffix(".gz").removesuffix(".bz2").removesuffix(".xz")
     sep = "," if name.endswith(".csv") else "\t"
     try:
-        return pd.read_csv(path, sep=sep, **kwargs)
+        return pd.read_csv(path, sep=sep, skiprows=_comment_lines(path, sep), **kwargs)
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file; pass the {what}") from None
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -41,12 +55,56 @@ def _read(path, what: str, **kwargs) -> pd.DataFrame:
                           f".tsv/.txt for tabs") from None
 
 
+def _comment_lines(path: Path, sep: str) -> int:
+    """How many leading lines are comments: they start with "#" and hold no separator (the
+    program and command line featureCounts writes first; a "#gene_id<TAB>..." header stays)."""
+    n = 0
+    with _OPENERS.get(path.suffix, open)(path, "rt", errors="replace") as lines:
+        for line in lines:
+            if not line.startswith("#") or sep in line:
+                break
+            n += 1
+    return n
+
+
+def _tool_layout(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``table`` without featureCounts' annotation columns and the rows of reads assigned to no
+    gene; the attrs that say what was dropped."""
+    notes = {}
+    if tuple(table.columns[:len(FEATURECOUNTS_COLUMNS)]) == FEATURECOUNTS_COLUMNS:
+        table = table.iloc[:, len(FEATURECOUNTS_COLUMNS):]
+        notes["dropped_columns"] = list(FEATURECOUNTS_COLUMNS)
+    special = table.index.str.startswith("__") | table.index.isin(STAR_ROWS)
+    if special.any():
+        notes["dropped_rows"] = table.index[special].tolist()
+        table = table[~special]
+    return table, notes
+
+
+def _file_name(column: str) -> str:
+    """A column named by an alignment file's path, as a sample id: /data/s1.bam -> s1."""
+    name = PurePosixPath(column.replace("\\", "/")).name
+    for suffix in ALIGNMENT_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _by_file_name(table: pd.DataFrame, samples: pd.Index) -> pd.DataFrame | None:
+    """``table`` with its columns renamed by ``_file_name`` when that names every sample in
+    ``samples`` and no two columns alike, else None."""
+    names = [_file_name(c) for c in table.columns]
+    if len(set(names)) < len(names) or not set(samples) <= set(names) or names == list(table.columns):
+        return None
+    return table.set_axis(names, axis=1)
+
+
 def _duplicates(index: pd.Index) -> list:
     return index[index.duplicated()].unique()[:3].tolist()
 
 
 def _load(counts, samples, *, group_column: str, sample_column: str | None):
-    """(table genes x samples, sheet indexed by sample id, name of the table for messages)."""
+    """(table genes x samples, sheet indexed by sample id, name of the table for messages, attrs
+    saying what of a count tool's layout was dropped or renamed)."""
     name = str(counts) if isinstance(counts, (str, Path)) else "counts"
     sheet_name = str(samples) if isinstance(samples, (str, Path)) else "samples"
     table = _read(counts, "count table", index_col=0) if isinstance(counts, (str, Path)) else counts
@@ -55,6 +113,7 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
         raise SourceError("counts and samples: pass paths to the files or pandas DataFrames")
     table.index = table.index.astype(str)
     table.columns = table.columns.astype(str)
+    table, notes = _tool_layout(table)
     if not table.index.is_unique:
         raise SourceError(f"{name}: gene id(s) {_duplicates(table.index)} appear more than once; "
                           f"give every row its own gene id (sum or drop the duplicates)")
@@ -73,6 +132,10 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
                           f"columns: {list(sheet.columns)}); pass the column that holds each "
                           f"sample's condition")
     missing = [s for s in sheet.index if s not in table.columns]
+    renamed = _by_file_name(table, sheet.index) if missing else None
+    if renamed is not None:
+        notes["sample_ids_from"] = f"file names ({table.columns[0]} -> {renamed.columns[0]})"
+        table, missing = renamed, []
     if missing:
         raise SourceError(f"{sheet_name}: sample(s) {missing[:5]} are not columns of {name} (its "
                           f"columns: {list(table.columns)[:8]}); fix the sample ids or drop those "
@@ -81,7 +144,7 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
     if extra:
         raise SourceError(f"{name}: column(s) {extra[:5]} are not samples in {sheet_name}; add them "
                           f"to the sheet or drop the columns (the first column must be the gene ids)")
-    return table[list(sheet.index)], sheet, name
+    return table[list(sheet.index)], sheet, name, notes
 
 
 def from_table(counts, samples, *, group_column: str, control, size_factors="ratio",
@@ -95,6 +158,10 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     counts
         Genes x samples: a path (``.tsv``/``.txt`` tab-, ``.csv`` comma-separated, optionally
         compressed; first column gene ids, header sample ids) or a DataFrame indexed by gene.
+        featureCounts and htseq-count output loads as written: leading "#" comment lines,
+        featureCounts' annotation columns and the rows of reads assigned to no gene ("__*",
+        STAR's ``N_*``) are dropped, and columns named by alignment files (``/data/s1.bam``)
+        match the sheet's sample ids by file name (``s1``) when the names match no sample.
     samples
         The sample sheet: a path (first column sample ids, or ``sample_column``) or a DataFrame
         indexed by sample id, with ``group_column``.
@@ -112,7 +179,7 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     Dataset with ``counts`` [P, G, R] (R: the largest group), NaN size factors where a group has
     fewer samples, ``control_counts`` [G, C], provenance ``replicate_sample``/``control_sample``.
     """
-    table, sheet, name = _load(counts, samples, group_column=group_column,
+    table, sheet, name, notes = _load(counts, samples, group_column=group_column,
                                sample_column=sample_column)
     if isinstance(size_factors, pd.Series):
         size_factors = size_factors.set_axis(size_factors.index.astype(str)).reindex(sheet.index)
@@ -127,7 +194,7 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     counts_, control_, problems = pseudobulk([dask.delayed(matrix)], [0], groups,
                                              n_features=len(table), shards=(p_shard, g_shard))
     summary = {k: v for k, v in groups.summary.items() if k != "min_cells"}
-    attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary}
+    attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary, **notes}
     cube = cubemod.in_memory(cubemod.Pending(
         cubemod.assemble(groups, counts_, control_, table.index, attrs), groups, option,
         problems, lambda found: None), scheduler="threads")
