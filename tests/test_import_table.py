@@ -181,6 +181,28 @@ def test_a_commented_header_is_kept_and_file_names_rename_only_when_needed(tmp_p
                           sample_column="sample")
 
 
+def test_estimated_counts_are_rounded_only_when_asked(tmp_path, nbdask_main):
+    table, sheet = bulk(seed=6)
+    estimated = table + np.random.default_rng(6).uniform(-0.5, 0.5, table.shape)
+    estimated.iloc[0, 0] = 2.5  # half to even, as R's round and DESeq2's tximport path
+    counts, samples = write(tmp_path, estimated, sheet)
+    code, out, err = nbdask_main("import", "table", counts, tmp_path / "cube.zarr", "--samples",
+                                 samples, "--group-column", "condition", "--control", "untreated")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.rstrip().endswith("can be rounded to integers: round_counts=True, --round"), err
+    code, out, err = nbdask_main("import", "table", counts, tmp_path / "cube.zarr", "--samples",
+                                 samples, "--group-column", "condition", "--control", "untreated",
+                                 "--round")
+    assert code == 0 and err == "", err
+    changed = int((np.round(estimated) != estimated).to_numpy().sum())
+    assert f"rounded              {changed:,} non-integer value(s) to the nearest integer" in out
+    cube = nbdask.open_cube(str(tmp_path / "cube.zarr"))
+    expected = np.round(estimated)
+    assert expected.iloc[0, 0] == 2.0
+    np.testing.assert_array_equal(cube.control_counts.values, expected[["ctrl1", "ctrl2", "ctrl3"]])
+    np.testing.assert_array_equal(cube.counts.values[0], expected[["A1", "A2", "A3"]])
+
+
 def test_every_table_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     """Two cases (a missing file, a bad value read from the table) through the console's process
     (its whole stderr); the others through the CLI's main() here."""

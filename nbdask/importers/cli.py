@@ -58,11 +58,15 @@ def add_parser(sub, storage_option) -> None:
                 description="Every group of --group-column other than the control becomes one "
                             "perturbation tested against the control group; its samples are its "
                             "replicates. The table's first column holds gene ids, its header "
-                            "sample ids (.csv: commas, .tsv/.txt: tabs).",
+                            "sample ids (.csv: commas, .tsv/.txt: tabs); featureCounts and "
+                            "htseq-count output load as written.",
                 command=TABLE_CMD, control="the control group's label (repeat to pool several)")
     tab.add_argument("--samples", required=True, help="sample sheet: one row per sample")
     tab.add_argument("--group-column", required=True, help="the sheet's condition column")
     tab.add_argument("--sample-column", help="the sheet's sample id column (default: the first)")
+    tab.add_argument("--round", action="store_true",
+                     help="round estimated counts (salmon, kallisto, RSEM) to integers, as "
+                          "DESeq2's tximport path does")
     _common(tab, storage_option)
 
 
@@ -110,7 +114,8 @@ def run(args, storage_options: dict) -> int:
 
         cube = from_table(args.counts, args.samples, group_column=args.group_column,
                           control=args.control, size_factors=args.size_factors,
-                          sample_column=args.sample_column, store=args.cube, shards=args.shards,
+                          sample_column=args.sample_column, round_counts=args.round,
+                          store=args.cube, shards=args.shards,
                           overwrite=args.overwrite, storage_options=storage_options)
         source = args.counts
     print()
@@ -144,6 +149,8 @@ def summary_lines(cube) -> list[str]:
         lines.append(f"sample ids           from {a['sample_ids_from']}")
     if a.get("dropped_columns"):
         lines.append(f"dropped columns      {', '.join(a['dropped_columns'])} (featureCounts annotation)")
+    if "n_rounded" in a:
+        lines.append(f"rounded              {a['n_rounded']:,} non-integer value(s) to the nearest integer")
     if a.get("dropped_rows"):
         rows = a["dropped_rows"]
         lines.append(f"dropped rows         {len(rows):,} of reads assigned to no gene "

@@ -30,6 +30,9 @@ from .size_factors import check_option
 #: Default shard (= dask chunk) of the cube along perturbation and feature.
 DEFAULT_SHARDS = 1024
 TABLE_FIX = "the table must hold raw read counts (not TPM, FPKM or normalised values)"
+#: The fix for a table of estimated counts (salmon, kallisto, RSEM): non-integer, but counts.
+ROUND_FIX = ("; estimated counts (salmon, kallisto, RSEM) can be rounded to integers: "
+             "round_counts=True, --round")
 #: featureCounts' annotation columns, between the gene ids and the samples.
 FEATURECOUNTS_COLUMNS = ("Chr", "Start", "End", "Strand", "Length")
 #: Rows of reads that a count tool assigned to no gene: STAR's ReadsPerGene rows; and every id
@@ -148,7 +151,7 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
 
 
 def from_table(counts, samples, *, group_column: str, control, size_factors="ratio",
-               sample_column: str | None = None, store: str | None = None,
+               sample_column: str | None = None, round_counts: bool = False, store: str | None = None,
                shards: int | tuple[int, int] = DEFAULT_SHARDS, overwrite: bool = False,
                storage_options: Mapping | None = None):
     """A bulk count table and its sample sheet as a count cube (design §2).
@@ -171,6 +174,11 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     size_factors
         ``"ratio"`` (DESeq2 median of ratios, default), ``"poscounts"``, ``"total"``, or one
         value per sample (in sheet order, or a Series indexed by sample id).
+    round_counts
+        Round non-integer values to the nearest integer (half to even), as DESeq2's
+        ``DESeqDataSetFromTximport`` does for the estimated counts of salmon, kallisto or RSEM;
+        ``n_rounded`` in the attrs says how many values changed. Off by default: a non-integer
+        value is an error (it is usually TPM or normalised data, which rounding does not fix).
     store
         Write the cube there (sharded Zarr v3, marked complete last) and return it reopened.
 
@@ -186,10 +194,16 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     option = check_option(size_factors, len(sheet), "sample")
     groups = assign_groups(sheet[group_column], sheet.index, control=control, min_cells=1,
                            perturbation_key=group_column, sample_key="sample id", unit="sample")
-    matrix, problem = find_problem(table.to_numpy().T)
+    values = table.to_numpy().T
+    if round_counts and values.dtype.kind == "f":
+        rounded = np.round(values)
+        notes["n_rounded"] = int((np.isfinite(values) & (rounded != values)).sum())
+        values = rounded
+    matrix, problem = find_problem(values)
     if problem is not None:
+        fix = TABLE_FIX + (ROUND_FIX if problem.what == "non-integer" else "")
         raise SourceError(describe_problems([problem], source=name, columns=table.index,
-                                            unit="sample", rows=sheet.index, fix=TABLE_FIX))
+                                            unit="sample", rows=sheet.index, fix=fix))
     p_shard, g_shard = (shards, shards) if isinstance(shards, int) else shards
     counts_, control_, problems = pseudobulk([dask.delayed(matrix)], [0], groups,
                                              n_features=len(table), shards=(p_shard, g_shard))
