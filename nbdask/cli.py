@@ -65,6 +65,9 @@ def _add_where(parser: argparse.ArgumentParser, default: str) -> None:
                        f"tcp://127.0.0.1:8786 (default: {default})")
 
 
+#: The positional arguments' help, the same in every command.
+CUBE_HELP = "count cube: Zarr path or URL (nbdask simulate or nbdask import)"
+RESULTS_HELP = "results store: Zarr path or URL written by nbdask test"
 #: What ``nbdask --help`` says first.
 DESCRIPTION = ("Negative-binomial tests of every perturbation x feature comparison of a count "
                "cube, on Dask.")
@@ -108,13 +111,13 @@ def _parser() -> argparse.ArgumentParser:
                                              help="fsspec option of the output store"))
 
     info = _add_command(sub, "info", "dims, chunks/shards, dtypes and validation verdict of a cube")
-    info.add_argument("cube")
+    info.add_argument("cube", help=CUBE_HELP)
     info.add_argument("--quick", action="store_true", help="skip the full scan of counts values")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
     tst = _add_command(sub, "test", "test every comparison of a cube and write results Zarr")
-    tst.add_argument("cube")
-    tst.add_argument("results")
+    tst.add_argument("cube", help=CUBE_HELP)
+    tst.add_argument("results", help="results store to write: Zarr path or URL")
     tst.add_argument("--method", default="mom", choices=["mom", "irls", "transformer"],
                      help="mom: method of moments (default); irls: batched maximum likelihood; "
                           "transformer: the pre-trained pair-set transformer")
@@ -154,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = _add_command(sub, "report", "summary of a results store (and accuracy vs a simulated "
                                       "truth); --html writes the full report with plots")
-    rep.add_argument("results")
+    rep.add_argument("results", help=RESULTS_HELP)
     rep.add_argument("--truth", help="the simulated cube the results came from")
     rep.add_argument("--json", action="store_true", help="print JSON")
     rep.add_argument("--html", metavar="PATH", help="write the self-contained HTML report "
@@ -166,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = _add_command(sub, "export", "write a tidy hit table (one row per comparison kept) "
                                       "as Parquet or CSV")
-    exp.add_argument("results")
+    exp.add_argument("results", help=RESULTS_HELP)
     exp.add_argument("output", help="*.parquet or *.csv (written whole, or not at all)")
     exp.add_argument("--q-max", type=float,
                      help="keep comparisons with q <= Q_MAX (default: every comparison)")
@@ -198,7 +201,8 @@ def _bench_parsers(sub) -> None:
                     "per-comparison dispersion and Wald test, and nbdask's defaults beside them. "
                     "Writes CSV tables, PNG figures and summary.md into --out.",
         epilog="example:\n  nbdask bench all --out bench-out --n-tests 1000 --workers 2")
-    ben.add_argument("study", choices=[*STUDIES, "all"])
+    ben.add_argument("study", choices=[*STUDIES, "all"],
+                     help="which study to run (all: every one, in that order)")
     ben.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     ben.add_argument("--n-tests", type=int, default=1000,
                      help="comparisons per design (per design and beta for power; default 1000)")
@@ -217,7 +221,7 @@ def _bench_parsers(sub) -> None:
                     "FDP and power at q < 0.05 and 0.1, and a recommendation. Writes CSV tables, PNG "
                     "figures and summary.md into --out.",
         epilog="example:\n  nbdask calibrate screen.zarr --out calibration --workers 2")
-    cal.add_argument("cube")
+    cal.add_argument("cube", help=CUBE_HELP)
     cal.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--perturbations", type=int,

@@ -27,3 +27,20 @@ def test_every_help_ends_with_an_example(command, capsys):
     if command is not None:
         assert all(line.startswith(f"  nbdask {command}") for line in example)
         assert lines[-1].startswith(("  nbdask", "      --")), lines[-1]
+
+
+def test_every_positional_argument_says_what_it_takes():
+    import argparse
+
+    from nbdask.cli import _parser
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from walk(child, f"{name} {sub}")
+            elif not action.option_strings and action.dest != "help":
+                yield f"{name} {action.dest}", action.help
+
+    missing = [where for where, text in walk(_parser(), "nbdask") if not text]
+    assert missing == []
