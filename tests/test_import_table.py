@@ -203,6 +203,23 @@ def test_estimated_counts_are_rounded_only_when_asked(tmp_path, nbdask_main):
     np.testing.assert_array_equal(cube.counts.values[0], expected[["A1", "A2", "A3"]])
 
 
+def test_nf_core_merged_counts_load_with_round(tmp_path):
+    """nf-core/rnaseq's salmon.merged.gene_counts.tsv: gene_id, gene_name, then estimated counts."""
+    table, sheet = bulk(seed=7)
+    merged = (table + 0.25).assign(gene_name=[f"SYM{j}" for j in range(len(table))])
+    merged = merged[["gene_name", *table.columns]]
+    counts, samples = write(tmp_path, merged, sheet)
+    cube = nbdask.from_table(counts, samples, group_column="condition", control="untreated",
+                             round_counts=True)
+    assert cube.attrs["dropped_columns"] == ["gene_name"]
+    assert cube.attrs["n_rounded"] == table.size
+    np.testing.assert_array_equal(cube.control_counts.values, table[["ctrl1", "ctrl2", "ctrl3"]])
+    # a numeric column the sheet lacks is a missing sample, not annotation
+    with pytest.raises(nbdask.SourceError, match=r"column\(s\) \['C9'\] are not samples"):
+        nbdask.from_table(table.assign(C9=1), sheet, group_column="condition", control="untreated",
+                          sample_column="sample")
+
+
 def test_every_table_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     """Two cases (a missing file, a bad value read from the table) through the console's process
     (its whole stderr); the others through the CLI's main() here."""

@@ -148,7 +148,7 @@ def summary_lines(cube) -> list[str]:
     if a.get("sample_ids_from"):
         lines.append(f"sample ids           from {a['sample_ids_from']}")
     if a.get("dropped_columns"):
-        lines.append(f"dropped columns      {', '.join(a['dropped_columns'])} (featureCounts annotation)")
+        lines.append(f"dropped columns      {', '.join(a['dropped_columns'])} (gene annotation, not samples)")
     if "n_rounded" in a:
         lines.append(f"rounded              {a['n_rounded']:,} non-integer value(s) to the nearest integer")
     if a.get("dropped_rows"):

@@ -71,8 +71,8 @@ def _comment_lines(path: Path, sep: str) -> int:
 
 
 def _tool_layout(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """``table`` without featureCounts' annotation columns and the rows of reads assigned to no
-    gene; the attrs that say what was dropped."""
+    """``table`` without featureCounts' annotation columns (some numeric, so dropped by name)
+    and the rows of reads assigned to no gene; the attrs that say what was dropped."""
     notes = {}
     if tuple(table.columns[:len(FEATURECOUNTS_COLUMNS)]) == FEATURECOUNTS_COLUMNS:
         table = table.iloc[:, len(FEATURECOUNTS_COLUMNS):]
@@ -144,6 +144,12 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
                           f"columns: {list(table.columns)[:8]}); fix the sample ids or drop those "
                           f"rows from the sheet")
     extra = [s for s in table.columns if s not in sheet.index]
+    # Text columns beside the counts are gene annotation (nf-core/rnaseq's gene_name), not
+    # samples; a numeric one is more likely a sample the sheet lacks, which stays an error.
+    labels = [s for s in extra if not pd.api.types.is_numeric_dtype(table[s])]
+    if labels:
+        notes["dropped_columns"] = notes.get("dropped_columns", []) + labels
+        extra = [s for s in extra if s not in labels]
     if extra:
         raise SourceError(f"{name}: column(s) {extra[:5]} are not samples in {sheet_name}; add them "
                           f"to the sheet or drop the columns (the first column must be the gene ids)")
@@ -161,10 +167,11 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     counts
         Genes x samples: a path (``.tsv``/``.txt`` tab-, ``.csv`` comma-separated, optionally
         compressed; first column gene ids, header sample ids) or a DataFrame indexed by gene.
-        featureCounts and htseq-count output loads as written: leading "#" comment lines,
-        featureCounts' annotation columns and the rows of reads assigned to no gene ("__*",
-        STAR's ``N_*``) are dropped, and columns named by alignment files (``/data/s1.bam``)
-        match the sheet's sample ids by file name (``s1``) when the names match no sample.
+        featureCounts, htseq-count and nf-core/rnaseq output loads as written: leading "#"
+        comment lines, featureCounts' annotation columns, text columns that are not samples
+        (``gene_name``) and the rows of reads assigned to no gene ("__*", STAR's ``N_*``) are
+        dropped, and columns named by alignment files (``/data/s1.bam``) match the sheet's
+        sample ids by file name (``s1``) when the names match no sample.
     samples
         The sample sheet: a path (first column sample ids, or ``sample_column``) or a DataFrame
         indexed by sample id, with ``group_column``.
