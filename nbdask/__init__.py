@@ -23,6 +23,7 @@ _PUBLIC = {
     "describe": "io", "open_cube": "io", "open_results": "io", "save_cube": "io",
     "save_results": "writer", "test": "pipeline", "simulate": "simulate", "summarize": "summary",
     "from_anndata": "importers.anndata", "from_table": "importers.table",
+    "from_files": "importers.table",
     "to_dataframe": "export", "export_hits": "export", "report_html": "report",
 }
 

@@ -220,6 +220,72 @@ def test_nf_core_merged_counts_load_with_round(tmp_path):
                           sample_column="sample")
 
 
+def per_sample_files(tmp_path, table, sheet, *, htseq_rows=True):
+    """One htseq-count file per sample in tmp_path/counts/ and a sheet naming them (relative to
+    the sheet's folder), the last sample's as a featureCounts run on one sample."""
+    (tmp_path / "counts").mkdir()
+    files = {}
+    for k, sample in enumerate(table.columns):
+        files[sample] = f"counts/{sample}.txt"
+        if k == len(table.columns) - 1:
+            featurecounts(table[[sample]], tmp_path / files[sample])
+            continue
+        column = table[sample]
+        if htseq_rows:
+            column = pd.concat([column, pd.Series(
+                123, index=["__no_feature", "__ambiguous", "__too_low_aQual", "__not_aligned",
+                            "__alignment_not_unique"])])
+        column.to_csv(tmp_path / files[sample], sep="\t", header=False)
+    sheet = sheet.assign(file=sheet["sample"].map(files))
+    sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    return tmp_path / "samples.tsv"
+
+
+def test_one_count_file_per_sample(tmp_path, monkeypatch):
+    table, sheet = bulk(seed=8)
+    samples = per_sample_files(tmp_path, table, sheet)
+    monkeypatch.chdir(tmp_path / "counts")  # file names are relative to the sheet, not here
+    cube = nbdask.from_files(samples, file_column="file", group_column="condition",
+                             control="untreated")
+    plain = nbdask.from_table(table, sheet, group_column="condition", control="untreated",
+                              sample_column="sample")
+    for name in ("counts", "control_counts", "size_factor", "control_size_factor"):
+        np.testing.assert_array_equal(cube[name].values, plain[name].values, err_msg=name)
+    np.testing.assert_array_equal(cube.feature.values, table.index)
+    assert len(cube.attrs["dropped_rows"]) == 5
+    r = _run("import", "files", samples, tmp_path / "cube.zarr", "--file-column", "file",
+             "--group-column", "condition", "--control", "untreated")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.splitlines()[-1] == (f"{samples} -> {tmp_path / 'cube.zarr'}; next: nbdask "
+                                         f"test {tmp_path / 'cube.zarr'} RESULTS.zarr")
+
+
+def test_count_file_errors_are_one_line(tmp_path, nbdask_main):
+    table, sheet = bulk(seed=9)
+    samples = per_sample_files(tmp_path, table, sheet, htseq_rows=False)
+    cli = ["import", "files", samples, tmp_path / "cube.zarr", "--group-column", "condition",
+           "--control", "untreated"]
+
+    def error(*extra):
+        code, out, err = nbdask_main(*cli, *extra)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        return err
+
+    assert "file_column='path': not a column of" in error("--file-column", "path")
+    first = tmp_path / "counts" / "ctrl1.txt"
+    first.write_text("\n".join(first.read_text().splitlines()[:-1]) + "\n")  # one gene short
+    assert "list different genes (1 in one only, e.g. ['ENSG00039'])" in error("--file-column", "file")
+    pd.DataFrame({"u": 1, "f": 2, "r": 3}, index=table.index).to_csv(first, sep="\t", header=False)
+    assert "3 count columns" in error("--file-column", "file") and "cut -f1,2" in error("--file-column", "file")
+    text = table["ctrl1"].astype(str)
+    text.iloc[2] = ""  # an empty cell is no count
+    text.to_csv(first, sep="\t", header=False)
+    assert "at gene 'ENSG00002' is not a number" in error("--file-column", "file")
+    first.unlink()
+    assert "ctrl1.txt: no such file; pass the count file" in error("--file-column", "file")
+    assert not (tmp_path / "cube.zarr").exists()
+
+
 def test_every_table_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     """Two cases (a missing file, a bad value read from the table) through the console's process
     (its whole stderr); the others through the CLI's main() here."""
@@ -282,7 +348,8 @@ def test_every_table_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     assert not (tmp_path / "out.zarr").exists()
 
 
-@pytest.mark.parametrize("words", [["import"], ["import", "anndata"], ["import", "table"]])
+@pytest.mark.parametrize("words", [["import"], ["import", "anndata"], ["import", "table"],
+                                   ["import", "files"]])
 def test_import_help_ends_with_an_example(words, capsys):
     from nbdask.cli import main
 
@@ -290,7 +357,7 @@ def test_import_help_ends_with_an_example(words, capsys):
         main([*words, "--help"])
     assert done.value.code == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
-    tail = "\n".join(lines[-5:])
+    tail = "\n".join(lines[-7:])
     assert re.search(r"examples?:\n  nbdask import ", tail) and lines[-1].startswith("      --"), tail
 
 

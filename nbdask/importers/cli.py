@@ -1,4 +1,4 @@
-"""``nbdask import anndata | table``: the command line of the importers."""
+"""``nbdask import anndata | table | files``: the command line of the importers."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ ANNDATA_CMD = ("nbdask import anndata screen.h5ad screen.zarr --perturbation-key
                "--sample-key donor \\\n      --control NTC-1 --control NTC-2 --min-cells 10 --workers 2")
 TABLE_CMD = ("nbdask import table counts.tsv bulk.zarr --samples samples.tsv "
              "--group-column condition \\\n      --control untreated")
+FILES_CMD = ("nbdask import files samples.tsv bulk.zarr --file-column file "
+             "--group-column condition \\\n      --control untreated")
+
+BULK_CONTROL = "the control group's label (repeat to pool several)"
 
 
 def _text(paragraph: str) -> str:
@@ -24,12 +28,13 @@ def _text(paragraph: str) -> str:
 def add_parser(sub, storage_option) -> None:
     """The ``import`` command and its two sources, on the top-level subparsers ``sub``."""
     imp = sub.add_parser(
-        "import", help="turn a Perturb-seq AnnData or a bulk count table into a count cube",
+        "import", help="turn a Perturb-seq AnnData, a bulk count table or per-sample count files "
+                       "into a count cube",
         description=_text("Turn real data into a count cube (sharded Zarr v3) for `nbdask test`: "
                     "single cells are summed per (perturbation, sample), bulk samples are "
                     "grouped by condition."),
-        epilog=f"examples:\n  {ANNDATA_CMD}\n  {TABLE_CMD}", formatter_class=_FORMAT)
-    kinds = imp.add_subparsers(dest="source", required=True, metavar="{anndata,table}")
+        epilog=f"examples:\n  {ANNDATA_CMD}\n  {TABLE_CMD}\n  {FILES_CMD}", formatter_class=_FORMAT)
+    kinds = imp.add_subparsers(dest="source", required=True, metavar="{anndata,table,files}")
 
     ad = _door(kinds, "anndata", "input", "an .h5ad file or an AnnData .zarr store",
                help="pseudobulk an .h5ad file or AnnData .zarr store, streamed on dask workers",
@@ -60,14 +65,21 @@ def add_parser(sub, storage_option) -> None:
                             "replicates. The table's first column holds gene ids, its header "
                             "sample ids (.csv: commas, .tsv/.txt: tabs); featureCounts and "
                             "htseq-count output load as written.",
-                command=TABLE_CMD, control="the control group's label (repeat to pool several)")
+                command=TABLE_CMD, control=BULK_CONTROL)
     tab.add_argument("--samples", required=True, help="sample sheet: one row per sample")
-    tab.add_argument("--group-column", required=True, help="the sheet's condition column")
-    tab.add_argument("--sample-column", help="the sheet's sample id column (default: the first)")
-    tab.add_argument("--round", action="store_true",
-                     help="round estimated counts (salmon, kallisto, RSEM) to integers, as "
-                          "DESeq2's tximport path does")
-    _common(tab, storage_option)
+    _bulk(tab, storage_option)
+
+    files = _door(kinds, "files", "samples",
+                  "sample sheet: one row per sample, with a column naming its count file",
+                  help="one count file per sample (htseq-count), named in the sample sheet",
+                  description="The table of `nbdask import table`, made from one file per sample "
+                              "(as DESeq2's DESeqDataSetFromHTSeqCount): htseq-count output (gene "
+                              "id, count; no header) or a featureCounts run on one sample. Every "
+                              "file must list the same genes.",
+                  command=FILES_CMD, control=BULK_CONTROL)
+    files.add_argument("--file-column", required=True, help="the sheet's column of count files")
+    files.add_argument("--directory", help="folder of the count files (default: the sheet's)")
+    _bulk(files, storage_option)
 
 
 def _door(kinds, name: str, source: str, source_help: str, *, help: str, description: str,
@@ -79,6 +91,16 @@ def _door(kinds, name: str, source: str, source_help: str, *, help: str, descrip
     parser.add_argument("cube", help="output Zarr path or URL")
     parser.add_argument("--control", action="append", required=True, help=control)
     return parser
+
+
+def _bulk(parser, storage_option) -> None:
+    """The sample sheet's options, shared by ``table`` and ``files``."""
+    parser.add_argument("--group-column", required=True, help="the sheet's condition column")
+    parser.add_argument("--sample-column", help="the sheet's sample id column (default: the first)")
+    parser.add_argument("--round", action="store_true",
+                        help="round estimated counts (salmon, kallisto, RSEM) to integers, as "
+                             "DESeq2's tximport path does")
+    _common(parser, storage_option)
 
 
 def _common(parser, storage_option) -> None:
@@ -110,14 +132,18 @@ def run(args, storage_options: dict) -> int:
                          progress=not args.no_progress)
         source = args.input
     else:
-        from .table import from_table
+        from .table import from_files, from_table
 
-        cube = from_table(args.counts, args.samples, group_column=args.group_column,
-                          control=args.control, size_factors=args.size_factors,
-                          sample_column=args.sample_column, round_counts=args.round,
-                          store=args.cube, shards=args.shards,
-                          overwrite=args.overwrite, storage_options=storage_options)
-        source = args.counts
+        options = dict(group_column=args.group_column, control=args.control,
+                       size_factors=args.size_factors, sample_column=args.sample_column,
+                       round_counts=args.round, store=args.cube, shards=args.shards,
+                       overwrite=args.overwrite, storage_options=storage_options)
+        if args.source == "table":
+            cube, source = from_table(args.counts, args.samples, **options), args.counts
+        else:
+            cube = from_files(args.samples, file_column=args.file_column,
+                              directory=args.directory, **options)
+            source = args.samples
     print()
     for line in summary_lines(cube):
         print(line)

@@ -71,17 +71,27 @@ def _comment_lines(path: Path, sep: str) -> int:
 
 
 def _tool_layout(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """``table`` without featureCounts' annotation columns (some numeric, so dropped by name)
-    and the rows of reads assigned to no gene; the attrs that say what was dropped."""
-    notes = {}
-    if tuple(table.columns[:len(FEATURECOUNTS_COLUMNS)]) == FEATURECOUNTS_COLUMNS:
-        table = table.iloc[:, len(FEATURECOUNTS_COLUMNS):]
-        notes["dropped_columns"] = list(FEATURECOUNTS_COLUMNS)
-    special = table.index.str.startswith("__") | table.index.isin(STAR_ROWS)
+    """``table`` without featureCounts' annotation columns and the rows of reads assigned to no
+    gene; the attrs that say what was dropped."""
+    table, notes = _annotation_columns(table)
+    special = _no_gene(table.index)
     if special.any():
         notes["dropped_rows"] = table.index[special].tolist()
         table = table[~special]
     return table, notes
+
+
+def _no_gene(index: pd.Index) -> np.ndarray:
+    """Which rows count reads assigned to no gene (``STAR_ROWS``, "__*")."""
+    return np.asarray(index.str.startswith("__") | index.isin(STAR_ROWS))
+
+
+def _annotation_columns(table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``table`` without featureCounts' annotation columns (some numeric: dropped by name)."""
+    if tuple(table.columns[:len(FEATURECOUNTS_COLUMNS)]) != FEATURECOUNTS_COLUMNS:
+        return table, {}
+    return (table.iloc[:, len(FEATURECOUNTS_COLUMNS):],
+            {"dropped_columns": list(FEATURECOUNTS_COLUMNS)})
 
 
 def _file_name(column: str) -> str:
@@ -223,3 +233,78 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
         return cube
     return cubemod.write(cube, store, shards=(p_shard, g_shard), overwrite=overwrite,
                          storage_options=storage_options)
+
+
+def from_files(samples, *, file_column: str, directory=None, sample_column: str | None = None,
+               **options):
+    """A count cube from one count file per sample, named in the sample sheet (as DESeq2's
+    ``DESeqDataSetFromHTSeqCount``): ``from_table`` of the table the files make.
+
+    Parameters
+    ----------
+    samples
+        The sample sheet: a path (first column sample ids, or ``sample_column``) or a DataFrame
+        indexed by sample id, with ``file_column`` and the group column.
+    file_column
+        The sheet's column of count files: htseq-count output (gene id, count; no header), or
+        any table of this importer's layouts with one count column (a featureCounts run on one
+        sample). Every file must list the same genes.
+    directory
+        Where relative file names are found: by default the sheet's folder (the current one for
+        a DataFrame).
+    options
+        ``group_column``, ``control`` and the other keyword options of ``from_table``.
+    """
+    sheet_name = str(samples) if isinstance(samples, (str, Path)) else "samples"
+    if isinstance(samples, (str, Path)):
+        sheet = _read(samples, "sample sheet", dtype=str)
+        sheet = sheet.set_index(sample_column or sheet.columns[0])
+        folder = Path(samples).parent
+    else:
+        sheet, folder = samples, Path(".")
+    if file_column not in sheet.columns:
+        raise SourceError(f"file_column={file_column!r}: not a column of {sheet_name} (its "
+                          f"columns: {list(sheet.columns)}); pass the column that names each "
+                          f"sample's count file")
+    folder = Path(directory) if directory is not None else folder
+    sheet.index = sheet.index.astype(str)
+    columns = {sample: _sample_file(folder / str(file)) for sample, file in sheet[file_column].items()}
+    genes = {sample: set(c.index[~_no_gene(c.index)]) for sample, c in columns.items()}
+    first = next(iter(genes), "")
+    for sample, names in genes.items():
+        if names != genes[first]:
+            differ = sorted(names ^ genes[first])
+            raise SourceError(f"{sheet_name}: the files of samples {first!r} and {sample!r} list "
+                              f"different genes ({len(differ)} in one only, e.g. {differ[:3]}); "
+                              f"count every sample against the same annotation")
+    # the first file's gene order; rows of no gene that only some files have are 0 in the
+    # others (from_table drops them all)
+    order = list(dict.fromkeys(name for c in columns.values() for name in c.index))
+    table = pd.DataFrame(columns).reindex(order)
+    special = _no_gene(table.index)
+    table.loc[special] = table.loc[special].fillna(0)
+    return from_table(table, sheet.drop(columns=file_column), **options)
+
+
+def _sample_file(path: Path) -> pd.Series:
+    """One sample's counts (by gene id) from its own file: two columns without a header, or a
+    table of this importer's layouts with one count column."""
+    raw = _read(path, "count file", header=None, dtype=str, index_col=0)
+    if len(raw) and pd.to_numeric(raw.iloc[:1, -1], errors="coerce").isna().all():
+        raw = raw.iloc[1:].set_axis(raw.iloc[0].astype(str).tolist(), axis=1)  # its header
+    raw.index = raw.index.astype(str)
+    raw, _ = _annotation_columns(raw)  # its rows of no gene go when the table is loaded
+    if raw.shape[1] != 1:
+        raise SourceError(f"{path}: {raw.shape[1]} count columns; a sample's file holds gene ids "
+                          f"and one count column (from STAR's ReadsPerGene.out.tab keep the "
+                          f"column of your library's strandedness, e.g. cut -f1,2)")
+    if not raw.index.is_unique:
+        raise SourceError(f"{path}: gene id(s) {_duplicates(raw.index)} appear more than once; "
+                          f"give every row its own gene id")
+    text = raw.iloc[:, 0]
+    counts = pd.to_numeric(text, errors="coerce")
+    bad = counts.isna()
+    if bad.any():
+        raise SourceError(f"{path}: {text[bad].iloc[0]!r} at gene {text[bad].index[0]!r} is not "
+                          f"a number; {TABLE_FIX}")
+    return counts
