@@ -253,6 +253,10 @@ def test_one_count_file_per_sample(tmp_path, monkeypatch):
         np.testing.assert_array_equal(cube[name].values, plain[name].values, err_msg=name)
     np.testing.assert_array_equal(cube.feature.values, table.index)
     assert len(cube.attrs["dropped_rows"]) == 5
+    framed = nbdask.from_files(pd.read_csv(samples, sep="\t"), sample_column="sample",
+                               file_column="file", directory=tmp_path, group_column="condition",
+                               control="untreated")
+    np.testing.assert_array_equal(framed.counts.values, plain.counts.values)
     r = _run("import", "files", samples, tmp_path / "cube.zarr", "--file-column", "file",
              "--group-column", "condition", "--control", "untreated")
     assert r.returncode == 0 and r.stderr == "", r.stderr

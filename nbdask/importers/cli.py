@@ -26,7 +26,7 @@ def _text(paragraph: str) -> str:
 
 
 def add_parser(sub, storage_option) -> None:
-    """The ``import`` command and its two sources, on the top-level subparsers ``sub``."""
+    """The ``import`` command and its three sources, on the top-level subparsers ``sub``."""
     imp = sub.add_parser(
         "import", help="turn a Perturb-seq AnnData, a bulk count table or per-sample count files "
                        "into a count cube",

@@ -1,12 +1,13 @@
-"""Bulk RNA-seq count table + sample sheet into a count cube: ``nbdask.from_table``.
+"""Bulk RNA-seq counts + sample sheet into a count cube: ``nbdask.from_table`` (one genes x
+samples table) and ``nbdask.from_files`` (one count file per sample, named in the sheet).
 
 The table is genes x samples (first column: gene ids; header: sample ids), the sheet one row per
 sample (first column, or ``sample_column``: sample ids) with a group column. The count tools'
-own layouts load as they come: featureCounts' comment line and annotation columns, and BAM paths
-as column names, htseq-count's and STAR's rows of reads assigned to no gene (``_load``). Every non-control
-group becomes a perturbation whose replicates are its samples; the control group's samples are
-the control replicates. The same layout code as single-cell pseudobulk runs with one "cell" per
-sample, so the two doors cannot drift apart.
+own layouts load as they come (``_load``): featureCounts' comment line, annotation columns and
+BAM paths as column names, nf-core/rnaseq's gene_name column, htseq-count's and STAR's rows of
+reads assigned to no gene. Every non-control group becomes a perturbation whose replicates are
+its samples; the control group's samples are the control replicates. The same layout code as
+single-cell pseudobulk runs with one "cell" per sample, so the two doors cannot drift apart.
 """
 
 from __future__ import annotations
@@ -115,22 +116,14 @@ def _duplicates(index: pd.Index) -> list:
     return index[index.duplicated()].unique()[:3].tolist()
 
 
-def _load(counts, samples, *, group_column: str, sample_column: str | None):
-    """(table genes x samples, sheet indexed by sample id, name of the table for messages, attrs
-    saying what of a count tool's layout was dropped or renamed)."""
-    name = str(counts) if isinstance(counts, (str, Path)) else "counts"
-    sheet_name = str(samples) if isinstance(samples, (str, Path)) else "samples"
-    table = _read(counts, "count table", index_col=0) if isinstance(counts, (str, Path)) else counts
-    sheet = _read(samples, "sample sheet", dtype=str) if isinstance(samples, (str, Path)) else samples
-    if not isinstance(table, pd.DataFrame) or not isinstance(sheet, pd.DataFrame):
-        raise SourceError("counts and samples: pass paths to the files or pandas DataFrames")
-    table.index = table.index.astype(str)
-    table.columns = table.columns.astype(str)
-    table, notes = _tool_layout(table)
-    if not table.index.is_unique:
-        raise SourceError(f"{name}: gene id(s) {_duplicates(table.index)} appear more than once; "
-                          f"give every row its own gene id (sum or drop the duplicates)")
-    if isinstance(samples, (str, Path)) or sample_column is not None:
+def _sheet(samples, sample_column: str | None) -> tuple[pd.DataFrame, str]:
+    """(the sample sheet indexed by sample id, its name for messages)."""
+    path = isinstance(samples, (str, Path))
+    sheet_name = str(samples) if path else "samples"
+    sheet = _read(samples, "sample sheet", dtype=str) if path else samples
+    if not isinstance(sheet, pd.DataFrame):
+        raise SourceError("samples: pass the path to the sample sheet or a pandas DataFrame")
+    if path or sample_column is not None:
         column = sample_column or sheet.columns[0]
         if column not in sheet.columns:
             raise SourceError(f"sample_column={column!r}: not a column of {sheet_name} (its "
@@ -140,6 +133,23 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
     if not sheet.index.is_unique:
         raise SourceError(f"{sheet_name}: sample id(s) {_duplicates(sheet.index)} appear more than "
                           f"once; give every sample one row")
+    return sheet, sheet_name
+
+
+def _load(counts, samples, *, group_column: str, sample_column: str | None):
+    """(table genes x samples, sheet indexed by sample id, name of the table for messages, attrs
+    saying what of a count tool's layout was dropped or renamed)."""
+    name = str(counts) if isinstance(counts, (str, Path)) else "counts"
+    table = _read(counts, "count table", index_col=0) if isinstance(counts, (str, Path)) else counts
+    if not isinstance(table, pd.DataFrame):
+        raise SourceError("counts: pass the path to the table or a pandas DataFrame")
+    table.index = table.index.astype(str)
+    table.columns = table.columns.astype(str)
+    table, notes = _tool_layout(table)
+    if not table.index.is_unique:
+        raise SourceError(f"{name}: gene id(s) {_duplicates(table.index)} appear more than once; "
+                          f"give every row its own gene id (sum or drop the duplicates)")
+    sheet, sheet_name = _sheet(samples, sample_column)
     if group_column not in sheet.columns:
         raise SourceError(f"group_column={group_column!r}: not a column of {sheet_name} (its "
                           f"columns: {list(sheet.columns)}); pass the column that holds each "
@@ -255,19 +265,15 @@ def from_files(samples, *, file_column: str, directory=None, sample_column: str 
     options
         ``group_column``, ``control`` and the other keyword options of ``from_table``.
     """
-    sheet_name = str(samples) if isinstance(samples, (str, Path)) else "samples"
-    if isinstance(samples, (str, Path)):
-        sheet = _read(samples, "sample sheet", dtype=str)
-        sheet = sheet.set_index(sample_column or sheet.columns[0])
-        folder = Path(samples).parent
-    else:
-        sheet, folder = samples, Path(".")
+    sheet, sheet_name = _sheet(samples, sample_column)
     if file_column not in sheet.columns:
         raise SourceError(f"file_column={file_column!r}: not a column of {sheet_name} (its "
                           f"columns: {list(sheet.columns)}); pass the column that names each "
                           f"sample's count file")
-    folder = Path(directory) if directory is not None else folder
-    sheet.index = sheet.index.astype(str)
+    if directory is not None:
+        folder = Path(directory)
+    else:
+        folder = Path(samples).parent if isinstance(samples, (str, Path)) else Path(".")
     columns = {sample: _sample_file(folder / str(file)) for sample, file in sheet[file_column].items()}
     genes = {sample: set(c.index[~_no_gene(c.index)]) for sample, c in columns.items()}
     first = next(iter(genes), "")
