@@ -276,6 +276,9 @@ def test_count_file_errors_are_one_line(tmp_path, nbdask_main):
         return err
 
     assert "file_column='path': not a column of" in error("--file-column", "path")
+    code, out, err = nbdask_main(*cli[:4], "--file-column", "file", "--group-column", "Condition",
+                                 "--control", "untreated")
+    assert code == 2 and f"group_column='Condition': not a column of {samples} " in err, err
     first = tmp_path / "counts" / "ctrl1.txt"
     first.write_text("\n".join(first.read_text().splitlines()[:-1]) + "\n")  # one gene short
     assert "list different genes (1 in one only, e.g. ['ENSG00039'])" in error("--file-column", "file")

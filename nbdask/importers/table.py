@@ -119,10 +119,10 @@ def _duplicates(index: pd.Index) -> list:
 def _sheet(samples, sample_column: str | None) -> tuple[pd.DataFrame, str]:
     """(the sample sheet indexed by sample id, its name for messages)."""
     path = isinstance(samples, (str, Path))
-    sheet_name = str(samples) if path else "samples"
     sheet = _read(samples, "sample sheet", dtype=str) if path else samples
     if not isinstance(sheet, pd.DataFrame):
         raise SourceError("samples: pass the path to the sample sheet or a pandas DataFrame")
+    sheet_name = str(samples) if path else sheet.attrs.get("source", "samples")
     if path or sample_column is not None:
         column = sample_column or sheet.columns[0]
         if column not in sheet.columns:
@@ -289,7 +289,9 @@ def from_files(samples, *, file_column: str, directory=None, sample_column: str 
     table = pd.DataFrame(columns).reindex(order)
     special = _no_gene(table.index)
     table.loc[special] = table.loc[special].fillna(0)
-    return from_table(table, sheet.drop(columns=file_column), **options)
+    sheet = sheet.drop(columns=file_column)
+    sheet.attrs["source"] = sheet_name  # from_table's messages name the file, not "samples"
+    return from_table(table, sheet, **options)
 
 
 def _sample_file(path: Path) -> pd.Series:
