@@ -11,6 +11,7 @@ import pytest
 
 import nbdask
 from conftest import deseq2_size_factors
+from nbdask.importers.table import STAR_ROWS
 
 SAMPLES = ["ctrl1", "ctrl2", "ctrl3", "A1", "A2", "A3", "B1", "B2"]
 CONDITION = ["untreated"] * 3 + ["drugA"] * 3 + ["drugB"] * 2
@@ -264,6 +265,27 @@ def test_one_count_file_per_sample(tmp_path, monkeypatch):
                                          f"test {tmp_path / 'cube.zarr'} RESULTS.zarr")
 
 
+@pytest.mark.parametrize("column", [2, 3, 4])
+def test_star_reads_per_gene_files_take_the_column_asked_for(tmp_path, column):
+    """STAR's ReadsPerGene.out.tab: its 4 rows of no gene first, then unstranded, forward and
+    reverse counts; --count-column picks one, as cut -f would."""
+    table, sheet = bulk(seed=10)
+    strands = {2: table, 3: table // 2, 4: table * 3}
+    (tmp_path / "star").mkdir()
+    for sample in table.columns:
+        star = pd.DataFrame({k: v[sample] for k, v in strands.items()})
+        head = pd.DataFrame({k: [9, 8, 7, 6] for k in strands}, index=list(STAR_ROWS))
+        pd.concat([head, star]).to_csv(tmp_path / "star" / f"{sample}.tab", sep="\t", header=False)
+    sheet = sheet.assign(file=[f"star/{s}.tab" for s in sheet["sample"]])
+    cube = nbdask.from_files(sheet, sample_column="sample", file_column="file",
+                             directory=tmp_path, count_column=column,
+                             group_column="condition", control="untreated")
+    chosen = strands[column]
+    np.testing.assert_array_equal(cube.control_counts.values, chosen[["ctrl1", "ctrl2", "ctrl3"]])
+    np.testing.assert_array_equal(cube.counts.values[0], chosen[["A1", "A2", "A3"]])
+    assert cube.attrs["dropped_rows"] == list(STAR_ROWS)
+
+
 def test_count_file_errors_are_one_line(tmp_path, nbdask_main):
     table, sheet = bulk(seed=9)
     samples = per_sample_files(tmp_path, table, sheet, htseq_rows=False)
@@ -283,7 +305,9 @@ def test_count_file_errors_are_one_line(tmp_path, nbdask_main):
     first.write_text("\n".join(first.read_text().splitlines()[:-1]) + "\n")  # one gene short
     assert "list different genes (1 in one only, e.g. ['ENSG00039'])" in error("--file-column", "file")
     pd.DataFrame({"u": 1, "f": 2, "r": 3}, index=table.index).to_csv(first, sep="\t", header=False)
-    assert "3 count columns" in error("--file-column", "file") and "cut -f1,2" in error("--file-column", "file")
+    assert "3 count columns; pick one with count_column (--count-column; STAR's" in error(
+        "--file-column", "file")
+    assert "count_column=9: " in error("--file-column", "file", "--count-column", "9")
     text = table["ctrl1"].astype(str)
     text.iloc[2] = ""  # an empty cell is no count
     text.to_csv(first, sep="\t", header=False)

@@ -74,11 +74,15 @@ def add_parser(sub, storage_option) -> None:
                   help="one count file per sample (htseq-count), named in the sample sheet",
                   description="The table of `nbdask import table`, made from one file per sample "
                               "(as DESeq2's DESeqDataSetFromHTSeqCount): htseq-count output (gene "
-                              "id, count; no header) or a featureCounts run on one sample. Every "
-                              "file must list the same genes.",
+                              "id, count; no header), STAR's ReadsPerGene.out.tab (with "
+                              "--count-column) or a featureCounts run on one sample. Every file "
+                              "must list the same genes.",
                   command=FILES_CMD, control=BULK_CONTROL)
     files.add_argument("--file-column", required=True, help="the sheet's column of count files")
     files.add_argument("--directory", help="folder of the count files (default: the sheet's)")
+    files.add_argument("--count-column", type=int, metavar="N",
+                       help="the count column of files with several, 1-based as cut -f (STAR's "
+                            "ReadsPerGene.out.tab: 2 unstranded, 3 forward, 4 reverse strand)")
     _bulk(files, storage_option)
 
 
@@ -142,7 +146,7 @@ def run(args, storage_options: dict) -> int:
             cube, source = from_table(args.counts, args.samples, **options), args.counts
         else:
             cube = from_files(args.samples, file_column=args.file_column,
-                              directory=args.directory, **options)
+                              directory=args.directory, count_column=args.count_column, **options)
             source = args.samples
     print()
     for line in summary_lines(cube):

@@ -245,8 +245,8 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
                          storage_options=storage_options)
 
 
-def from_files(samples, *, file_column: str, directory=None, sample_column: str | None = None,
-               **options):
+def from_files(samples, *, file_column: str, directory=None, count_column: int | None = None,
+               sample_column: str | None = None, **options):
     """A count cube from one count file per sample, named in the sample sheet (as DESeq2's
     ``DESeqDataSetFromHTSeqCount``): ``from_table`` of the table the files make.
 
@@ -256,12 +256,17 @@ def from_files(samples, *, file_column: str, directory=None, sample_column: str 
         The sample sheet: a path (first column sample ids, or ``sample_column``) or a DataFrame
         indexed by sample id, with ``file_column`` and the group column.
     file_column
-        The sheet's column of count files: htseq-count output (gene id, count; no header), or
-        any table of this importer's layouts with one count column (a featureCounts run on one
-        sample). Every file must list the same genes.
+        The sheet's column of count files: htseq-count output (gene id, count; no header), STAR's
+        ``ReadsPerGene.out.tab`` (with ``count_column``), or any table of this importer's
+        layouts with one count column (a featureCounts run on one sample). Every file must list
+        the same genes (rows of reads assigned to no gene aside).
     directory
         Where relative file names are found: by default the sheet's folder (the current one for
         a DataFrame).
+    count_column
+        For files with several count columns: the one to take, 1-based as ``cut -f`` counts
+        (column 1 holds the gene ids). STAR's ``ReadsPerGene.out.tab``: 2 unstranded, 3 forward
+        (htseq-count ``-s yes``), 4 reverse strand (``-s reverse``), as the library was made.
     options
         ``group_column``, ``control`` and the other keyword options of ``from_table``.
     """
@@ -274,7 +279,8 @@ def from_files(samples, *, file_column: str, directory=None, sample_column: str 
         folder = Path(directory)
     else:
         folder = Path(samples).parent if isinstance(samples, (str, Path)) else Path(".")
-    columns = {sample: _sample_file(folder / str(file)) for sample, file in sheet[file_column].items()}
+    columns = {sample: _sample_file(folder / str(file), count_column)
+               for sample, file in sheet[file_column].items()}
     genes = {sample: set(c.index[~_no_gene(c.index)]) for sample, c in columns.items()}
     first = next(iter(genes), "")
     for sample, names in genes.items():
@@ -294,18 +300,24 @@ def from_files(samples, *, file_column: str, directory=None, sample_column: str 
     return from_table(table, sheet, **options)
 
 
-def _sample_file(path: Path) -> pd.Series:
-    """One sample's counts (by gene id) from its own file: two columns without a header, or a
-    table of this importer's layouts with one count column."""
+def _sample_file(path: Path, count_column: int | None = None) -> pd.Series:
+    """One sample's counts (by gene id) from its own file: two columns without a header, a
+    table of this importer's layouts with one count column, or column ``count_column`` (1-based,
+    as ``cut -f``; the gene ids are column 1) of a file with several."""
     raw = _read(path, "count file", header=None, dtype=str, index_col=0)
+    if count_column is not None:
+        if not 2 <= count_column <= raw.shape[1] + 1:
+            raise SourceError(f"count_column={count_column}: {path} has columns 1-{raw.shape[1] + 1} "
+                              f"(1: gene ids); pass one of 2-{raw.shape[1] + 1}")
+        raw = raw.iloc[:, [count_column - 2]]
     if len(raw) and pd.to_numeric(raw.iloc[:1, -1], errors="coerce").isna().all():
         raw = raw.iloc[1:].set_axis(raw.iloc[0].astype(str).tolist(), axis=1)  # its header
     raw.index = raw.index.astype(str)
     raw, _ = _annotation_columns(raw)  # its rows of no gene go when the table is loaded
     if raw.shape[1] != 1:
-        raise SourceError(f"{path}: {raw.shape[1]} count columns; a sample's file holds gene ids "
-                          f"and one count column (from STAR's ReadsPerGene.out.tab keep the "
-                          f"column of your library's strandedness, e.g. cut -f1,2)")
+        raise SourceError(f"{path}: {raw.shape[1]} count columns; pick one with count_column "
+                          f"(--count-column; STAR's ReadsPerGene.out.tab: 2 unstranded, 3 forward, "
+                          f"4 reverse strand, as the library was made)")
     if not raw.index.is_unique:
         raise SourceError(f"{path}: gene id(s) {_duplicates(raw.index)} appear more than once; "
                           f"give every row its own gene id")
