@@ -312,6 +312,8 @@ def test_count_file_errors_are_one_line(tmp_path, nbdask_main):
     text.iloc[2] = ""  # an empty cell is no count
     text.to_csv(first, sep="\t", header=False)
     assert "at gene 'ENSG00002' is not a number" in error("--file-column", "file")
+    pd.concat([table["ctrl1"], table["ctrl1"].iloc[:1]]).to_csv(first, sep="\t", header=False)
+    assert "gene id(s) ['ENSG00000'] appear more than once" in error("--file-column", "file")
     first.unlink()
     assert "ctrl1.txt: no such file; pass the count file" in error("--file-column", "file")
     assert not (tmp_path / "cube.zarr").exists()

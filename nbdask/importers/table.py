@@ -116,6 +116,13 @@ def _duplicates(index: pd.Index) -> list:
     return index[index.duplicated()].unique()[:3].tolist()
 
 
+def _check_genes(index: pd.Index, name) -> None:
+    """Every gene id of a table or count file (``name``) once."""
+    if not index.is_unique:
+        raise SourceError(f"{name}: gene id(s) {_duplicates(index)} appear more than once; "
+                          f"give every row its own gene id (sum or drop the duplicates)")
+
+
 def _sheet(samples, sample_column: str | None) -> tuple[pd.DataFrame, str]:
     """(the sample sheet indexed by sample id, its name for messages)."""
     path = isinstance(samples, (str, Path))
@@ -146,9 +153,7 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
     table.index = table.index.astype(str)
     table.columns = table.columns.astype(str)
     table, notes = _tool_layout(table)
-    if not table.index.is_unique:
-        raise SourceError(f"{name}: gene id(s) {_duplicates(table.index)} appear more than once; "
-                          f"give every row its own gene id (sum or drop the duplicates)")
+    _check_genes(table.index, name)
     sheet, sheet_name = _sheet(samples, sample_column)
     if group_column not in sheet.columns:
         raise SourceError(f"group_column={group_column!r}: not a column of {sheet_name} (its "
@@ -318,9 +323,7 @@ def _sample_file(path: Path, count_column: int | None = None) -> pd.Series:
         raise SourceError(f"{path}: {raw.shape[1]} count columns; pick one with count_column "
                           f"(--count-column; STAR's ReadsPerGene.out.tab: 2 unstranded, 3 forward, "
                           f"4 reverse strand, as the library was made)")
-    if not raw.index.is_unique:
-        raise SourceError(f"{path}: gene id(s) {_duplicates(raw.index)} appear more than once; "
-                          f"give every row its own gene id")
+    _check_genes(raw.index, path)
     text = raw.iloc[:, 0]
     counts = pd.to_numeric(text, errors="coerce")
     bad = counts.isna()
