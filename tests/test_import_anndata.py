@@ -330,3 +330,60 @@ def test_every_import_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
     for store in ("out.zarr", "out_ni.zarr", "o.zarr"):  # none that looks complete
         path = tmp_path / store
         assert not path.exists() or zarr.open_group(path, mode="r").attrs["nbdask_status"] == "failed"
+
+
+def test_features_take_their_ids_from_a_var_column(tmp_path, nbdask_main):
+    """10x-style var: gene symbols as var_names with duplicates, unique Ensembl ids in
+    var["gene_ids"]. feature_key labels the cube by the ids (in memory, .h5ad, .zarr, the CLI),
+    with the same counts as an import whose var_names are the ids; without it, or with a
+    column that cannot label features, one line names the column to pass."""
+    adata = synthetic(n_cells=600, seed=2)
+    ids = [f"ENSG{j:011d}" for j in range(adata.n_vars)]
+    symbols = [f"SYM{j}" for j in range(adata.n_vars)]
+    symbols[5] = symbols[9] = "TBCE"
+    adata.var_names = symbols
+    adata.var["gene_ids"] = ids
+    adata.var["feature_types"] = "Gene Expression"
+    adata.var["gene_symbol_or_na"] = pd.Series([*ids[:-1], None], index=adata.var_names,
+                                               dtype=object)
+    by_id = adata.copy()
+    by_id.var_names = ids
+    h5ad, store = tmp_path / "screen.h5ad", tmp_path / "screen.zarr"
+    adata.write_h5ad(h5ad)
+    adata.write_zarr(store)
+    opts = dict(KEYS, min_cells=10, chunk_cells=200, shards=(3, 8))
+    reference = nbdask.from_anndata(by_id, **opts)
+    for source in (adata, str(h5ad), str(store)):
+        cube = nbdask.from_anndata(source, feature_key="gene_ids", **opts)
+        assert list(cube.feature.values) == ids, source
+        np.testing.assert_array_equal(cube.counts.values, reference.counts.values)
+        np.testing.assert_array_equal(cube.control_counts.values, reference.control_counts.values)
+
+    out = tmp_path / "cli.zarr"
+    code, stdout, err = nbdask_main("import", "anndata", h5ad, out, "--perturbation-key", "guide",
+                                    "--sample-key", "donor", "--control", "NTC-1", "--control",
+                                    "NTC-2", "--feature-key", "gene_ids", "--workers", "1",
+                                    "--no-progress")
+    assert code == 0, err
+    assert list(nbdask.open_cube(str(out)).feature.values) == ids
+
+    cases = {
+        None: ["var_names are not unique (e.g. ['TBCE'])",
+               "pass a var column of unique ids as feature_key (--feature-key; here: ['gene_ids'])",
+               "adata.var_names_make_unique()"],
+        "gene_id": ["feature_key='gene_id': not a column of",
+                    "its columns: ['gene_ids', 'feature_types', 'gene_symbol_or_na']"],
+        "feature_types": ["var column 'feature_types' are not unique (e.g. ['Gene Expression'])",
+                          "here: ['gene_ids']"],
+        "gene_symbol_or_na": ["1 feature(s) have no value in",
+                              "pass a var column with an id for every feature"],
+    }
+    for key, parts in cases.items():
+        for source in (adata, str(h5ad)):
+            with pytest.raises(nbdask.SourceError) as err:
+                nbdask.from_anndata(source, feature_key=key, **opts)
+            assert all(part in str(err.value) for part in parts), (key, str(err.value))
+    code, stdout, err = nbdask_main("import", "anndata", h5ad, out, "--perturbation-key", "guide",
+                                    "--sample-key", "donor", "--control", "NTC-1", "--overwrite")
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("nbdask import: error: ") and "--feature-key" in err, err

@@ -3,8 +3,9 @@
 A file (``.h5ad``, or an AnnData Zarr store) is read lazily with anndata's
 ``anndata.experimental.read_elem_lazy``: X (or a layer) becomes a dask array of row chunks of
 cells (CSR or dense) whose tasks open the file themselves on the workers, so no worker ever
-holds more than a few chunks. Only the two obs columns named and the var index are read on
-the client. An in-memory AnnData goes through the same chunked pseudobulk.
+holds more than a few chunks. Only the two obs columns named and the var index (or the var
+column named by ``feature_key``) are read on the client. An in-memory AnnData goes through the
+same chunked pseudobulk.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Source:
     columns: list[str]        # obs columns
     obs: object               # obs DataFrame, or the stored obs group
     var_names: np.ndarray
+    var_columns: list[str]    # var columns
+    var: object               # var DataFrame, or the stored var group
     matrix: object            # cells x genes: NumPy, SciPy sparse, dask array or stored element
     sparse: bool
     stored: bool = False      # obs and matrix are elements of an open file
@@ -62,6 +65,9 @@ class Source:
 
     def obs_column(self, key: str):
         return _anndata().io.read_elem(self.obs[key]) if self.stored else self.obs[key]
+
+    def var_column(self, key: str) -> pd.Index:
+        return pd.Index(_anndata().io.read_elem(self.var[key]) if self.stored else self.var[key])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -147,9 +153,8 @@ def open_source(adata, *, layer: str | None = None) -> Source:
         obs = root["obs"]
         var = root["var"]
         var_names = np.asarray(anndata.io.read_elem(var[var.attrs["_index"]])).astype(str)
-        columns = [str(c) for c in obs.attrs.get("column-order", []) if str(c) in obs]
-        return Source(str(path), label, list(columns), obs, var_names, element,
-                      kind == "csr_matrix", stored=True)
+        return Source(str(path), label, _stored_columns(obs), obs, var_names,
+                      _stored_columns(var), var, element, kind == "csr_matrix", stored=True)
     if not isinstance(adata, anndata.AnnData):
         raise SourceError(f"adata: expected an AnnData or a path to one, got {type(adata).__name__}")
     if layer is None:
@@ -163,8 +168,46 @@ def open_source(adata, *, layer: str | None = None) -> Source:
     if matrix is None:
         raise SourceError("adata: X is empty; pass the layer that holds the counts (layer=...)")
     return Source("adata", label, list(adata.obs.columns), adata.obs,
-                  np.asarray(adata.var_names).astype(str), matrix,
+                  np.asarray(adata.var_names).astype(str), list(adata.var.columns), adata.var, matrix,
                   sparse.issparse(matrix) or getattr(matrix, "format", None) == "csr")
+
+
+def _stored_columns(group) -> list[str]:
+    """The dataframe columns of a stored obs or var group, in order."""
+    return [str(c) for c in group.attrs.get("column-order", []) if str(c) in group]
+
+
+def feature_labels(source: Source, feature_key: str | None) -> pd.Index:
+    """The cube's feature labels: the var index, or the var column ``feature_key``; unique and
+    complete, else a SourceError naming the var columns that would do."""
+    if feature_key is None:
+        labels, what = pd.Index(source.var_names), "var_names"
+    elif feature_key not in source.var_columns:
+        raise SourceError(f"feature_key={feature_key!r}: not a column of {source.name}'s var (its "
+                          f"columns: {source.var_columns[:12] or 'none'}); pass the var column "
+                          f"that holds each feature's id, or none to use var_names")
+    else:
+        labels, what = source.var_column(feature_key), f"var column {feature_key!r}"
+        missing = int(labels.isna().sum())
+        if missing:
+            raise SourceError(f"feature_key={feature_key!r}: {missing} feature(s) have no value in "
+                              f"{source.name}'s {what}; pass a var column with an id for every "
+                              f"feature")
+    if labels.is_unique:
+        return labels.astype(str)
+    dup = labels[labels.duplicated()].unique()[:3].tolist()
+    others = [c for c in source.var_columns
+              if c != feature_key and _unique_labels(source.var_column(c))]
+    instead = (f"pass a var column of unique ids as feature_key (--feature-key; here: "
+               f"{others[:4]}), or " if others else "")
+    raise SourceError(f"{source.name}: {what} are not unique (e.g. {dup}); {instead}make them "
+                      f"unique (adata.var_names_make_unique()) so every feature has its own label")
+
+
+def _unique_labels(values: pd.Index) -> bool:
+    """Whether a var column could label the features: text, unique, none missing."""
+    dtype = values.categories.dtype if isinstance(values, pd.CategoricalIndex) else values.dtype
+    return dtype.kind in "OUS" and values.is_unique and not values.isna().any()
 
 
 def _check_key(source: Source, key: str, option: str) -> None:
@@ -175,8 +218,8 @@ def _check_key(source: Source, key: str, option: str) -> None:
 
 
 def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
-                 layer: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
-                 size_factors="ratio", store: str | None = None,
+                 layer: str | None = None, feature_key: str | None = None,
+                 min_cells: int = DEFAULT_MIN_CELLS, size_factors="ratio", store: str | None = None,
                  shards: int | tuple[int, int] = DEFAULT_SHARDS, chunk_cells: int | None = None,
                  overwrite: bool = False, storage_options: Mapping | None = None, client=None,
                  progress: bool = False):
@@ -190,6 +233,9 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
         CSR, integers or integral floats.
     perturbation_key, sample_key
         obs columns: each cell's perturbation (guide, gene) and sample (donor, lane, batch).
+    feature_key
+        A var column of unique feature ids to label the features with (e.g. ``"gene_ids"``
+        where var_names are gene symbols with duplicates); default: var_names.
     control
         The control label, or several (pooled into one control group per sample).
     min_cells
@@ -216,7 +262,7 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
     (cells used, groups dropped below ``min_cells``).
     """
     pending = prepare(adata, perturbation_key=perturbation_key, sample_key=sample_key,
-                      control=control, layer=layer, min_cells=min_cells,
+                      control=control, layer=layer, feature_key=feature_key, min_cells=min_cells,
                       size_factors=size_factors, shards=shards, chunk_cells=chunk_cells)
     if store is None:
         # Cells already in this process are summed here, not shipped to a cluster.
@@ -227,8 +273,8 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
 
 
 def prepare(adata, *, perturbation_key: str, sample_key: str, control, layer: str | None = None,
-            min_cells: int = DEFAULT_MIN_CELLS, size_factors="ratio",
-            shards: int | tuple[int, int] = DEFAULT_SHARDS,
+            feature_key: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
+            size_factors="ratio", shards: int | tuple[int, int] = DEFAULT_SHARDS,
             chunk_cells: int | None = None) -> cubemod.Pending:
     """Check everything that can be checked without reading all counts (the first chunk of
     cells is read and checked here, so a normalised X fails at once) and lay out the lazy
@@ -241,12 +287,7 @@ def prepare(adata, *, perturbation_key: str, sample_key: str, control, layer: st
                                control=control, min_cells=min_cells,
                                perturbation_key=perturbation_key, sample_key=sample_key)
         option = check_option(size_factors, source.shape[0], "cell")
-        var_names = pd.Index(source.var_names)
-        if not var_names.is_unique:
-            dup = var_names[var_names.duplicated()].unique()[:3].tolist()
-            raise SourceError(f"{source.name}: var_names are not unique (e.g. {dup}); make them "
-                              f"unique (adata.var_names_make_unique()) so every feature has its "
-                              f"own label")
+        var_names = feature_labels(source, feature_key)
         p_shard, g_shard = (shards, shards) if isinstance(shards, int) else shards
         cells, starts = source.chunks(chunk_cells)
     finally:

@@ -48,6 +48,9 @@ def add_parser(sub, storage_option) -> None:
     ad.add_argument("--perturbation-key", required=True, help="obs column of each cell's perturbation")
     ad.add_argument("--sample-key", required=True, help="obs column of each cell's sample")
     ad.add_argument("--layer", help="the layer holding raw counts (default: X)")
+    ad.add_argument("--feature-key", metavar="COLUMN",
+                    help="var column of unique feature ids to label features with (e.g. gene_ids "
+                         "where var_names are gene symbols with duplicates; default: var_names)")
     ad.add_argument("--min-cells", type=int, default=10,
                     help="groups with fewer cells are absent replicates (default 10)")
     ad.add_argument("--chunk-cells", type=int, help="cells read per task (default: ~64 MiB of X)")
@@ -127,6 +130,7 @@ def run(args, storage_options: dict) -> int:
         # Everything checkable without reading counts fails before a cluster starts.
         pending = prepare(args.input, perturbation_key=args.perturbation_key,
                           sample_key=args.sample_key, control=args.control, layer=args.layer,
+                          feature_key=args.feature_key,
                           min_cells=args.min_cells, size_factors=args.size_factors,
                           shards=args.shards, chunk_cells=args.chunk_cells)
         check_destination(args.cube, overwrite=args.overwrite, storage_options=storage_options)
