@@ -113,6 +113,8 @@ def _counts(ds: xr.Dataset, lazy: bool) -> dict:
 
 
 def _top_hits(ds: xr.Dataset, n: int) -> str:
+    from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
+
     q = np.asarray(ds["q_value"].values)
     p = np.asarray(ds["p_value"].values)
     hit = np.flatnonzero(q.reshape(-1) <= 0.1)
@@ -121,11 +123,14 @@ def _top_hits(ds: xr.Dataset, n: int) -> str:
     best = hit[np.argsort(p.reshape(-1)[hit], kind="stable")[:n]]
     rows_i, cols_i = np.divmod(best, q.shape[1])
     lfc = np.asarray(ds["log_fold_change"].values)
-    labels = [ds[d].values if d in ds.coords else np.arange(ds.sizes[d])
-              for d in ("perturbation", "feature")]
-    body = "".join(f"<tr><td>{html.escape(str(labels[0][i]))}</td><td>{html.escape(str(labels[1][j]))}</td>"
+    columns = [labels(ds, PERTURBATION), labels(ds, FEATURE)]
+    if FEATURE_NAME in ds.coords:
+        columns.append(labels(ds, FEATURE_NAME))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c[k])}</td>"
+                                    for c, k in zip(columns, (i, j, j))) +
                    f"<td style='text-align:right'>{lfc[i, j] / np.log(2):+.2f}</td>"
                    f"<td style='text-align:right'>{p[i, j]:.2e}</td><td style='text-align:right'>{q[i, j]:.2e}</td></tr>"
                    for i, j in zip(rows_i, cols_i))
-    return (f"<table style='margin:4px 0'><tr><th>perturbation</th><th>feature</th><th>log2 FC</th>"
-            f"<th>p</th><th>q</th></tr>{body}</table>")
+    name = "<th>name</th>" if len(columns) == 3 else ""
+    return (f"<table style='margin:4px 0'><tr><th>perturbation</th><th>feature</th>{name}"
+            f"<th>log2 FC</th><th>p</th><th>q</th></tr>{body}</table>")

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import OptionError, ResultsError
-from .schema import FEATURE, PERTURBATION
+from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
 
 logger = logging.getLogger("nbdask")
 
@@ -28,6 +28,7 @@ logger = logging.getLogger("nbdask")
 COLUMNS = {
     "perturbation": "perturbation label",
     "feature": "feature label",
+    "feature_name": "the feature's name (gene symbol), where the cube carries feature_name",
     "log_fold_change": "natural-log fold change, treated vs control (beta hat)",
     "log2_fold_change": "log_fold_change / ln 2",
     "standard_error": "standard error of log_fold_change",
@@ -56,7 +57,7 @@ def _block_rows(arrays: dict, origin: tuple[int, int], *, q_max: float | None) -
     return out
 
 
-def _columns(part: dict, p_labels: np.ndarray, f_labels: np.ndarray):
+def _columns(part: dict, p_labels: np.ndarray, f_labels: np.ndarray, f_names: np.ndarray | None):
     """A block's kept rows as a DataFrame with labels and derived columns (COLUMNS order)."""
     import pandas as pd
 
@@ -64,6 +65,10 @@ def _columns(part: dict, p_labels: np.ndarray, f_labels: np.ndarray):
     cols = {
         "perturbation": p_labels[part["_row"]],
         "feature": f_labels[part["_col"]],
+    }
+    if f_names is not None:
+        cols["feature_name"] = f_names[part["_col"]]
+    cols |= {
         "log_fold_change": lfc,
         "log2_fold_change": (lfc / np.float32(np.log(2))).astype(np.float32),
         "standard_error": part["standard_error"],
@@ -78,12 +83,17 @@ def _columns(part: dict, p_labels: np.ndarray, f_labels: np.ndarray):
     return pd.DataFrame(cols)
 
 
-def _select(results: xr.Dataset, dim: str, labels) -> xr.Dataset:
-    if labels is None:
+def _select(results: xr.Dataset, dim: str, chosen) -> xr.Dataset:
+    if chosen is None:
         return results
-    wanted = [labels] if isinstance(labels, str) else list(labels)
+    wanted = [chosen] if isinstance(chosen, str) else list(chosen)
     index = results.indexes.get(dim)
     known = set(index) if index is not None else set()
+    if dim == FEATURE and FEATURE_NAME in results.coords and index is not None:
+        # a feature may be asked for by its name (a gene symbol) as well as its label
+        names = _names(results)
+        wanted = [x for w in wanted
+                  for x in ([w] if w in known else index[names == w].tolist() or [w])]
     missing = [x for x in wanted if x not in known]
     if missing:
         raise OptionError(f"{dim}s: {missing[:5]} not in the results ({results.sizes[dim]} "
@@ -106,25 +116,26 @@ def _prepare(results: xr.Dataset, q_max, perturbations, features):
             raise OptionError(f"q_max={q_max}: must lie in [0, 1], e.g. 0.1")
     results = _select(_select(results, PERTURBATION, perturbations), FEATURE, features)
     names = [n for n in SOURCES if n in results]
-    p_labels = _labels(results, PERTURBATION)
-    f_labels = _labels(results, FEATURE)
-    return {n: results[n] for n in names}, p_labels, f_labels
+    p_labels = labels(results, PERTURBATION)
+    f_labels = labels(results, FEATURE)
+    return {n: results[n] for n in names}, p_labels, f_labels, _names(results)
 
 
-def _labels(results: xr.Dataset, dim: str) -> np.ndarray:
-    if dim in results.coords:
-        return np.asarray(results[dim].values).astype(str)
-    return np.arange(results.sizes[dim]).astype(str)
+def _names(results: xr.Dataset) -> np.ndarray | None:
+    """The features' names (``feature_name``) as text, or None."""
+    if FEATURE_NAME not in results.coords:
+        return None
+    return labels(results, FEATURE_NAME)
 
 
 def _parts(results, *, q_max, perturbations, features, client) -> Iterator:
     """(labelled DataFrame, its row/column positions) per block, in store order."""
     from .blocks import block_tasks, in_memory, stream
 
-    arrays, p_labels, f_labels = _prepare(results, q_max, perturbations, features)
+    arrays, p_labels, f_labels, f_names = _prepare(results, q_max, perturbations, features)
     tasks = block_tasks(arrays, _block_rows, q_max=None if q_max is None else float(q_max))
     for part in stream(tasks, client=client, local=in_memory(arrays)):
-        yield _columns(part, p_labels, f_labels), part["_row"], part["_col"]
+        yield _columns(part, p_labels, f_labels, f_names), part["_row"], part["_col"]
 
 
 def to_dataframe(results: xr.Dataset, *, q_max: float | None = None,
@@ -132,11 +143,13 @@ def to_dataframe(results: xr.Dataset, *, q_max: float | None = None,
                  features: Iterable[str] | str | None = None, client=None):
     """The results as a tidy ``pandas.DataFrame``: one row per comparison kept.
 
-    Columns (``nbdask.export.COLUMNS``): perturbation, feature, log_fold_change,
-    log2_fold_change, standard_error, statistic, p_value, q_value, base_mean (exp of
-    log_base_mean: the control rate per unit size factor) and dispersion (exp of
-    log_dispersion). ``q_max`` keeps comparisons with q_value <= q_max (untestable ones, NaN q,
-    never pass); ``perturbations``/``features`` keep those labels. Without ``q_max`` every
+    Columns (``nbdask.export.COLUMNS``): perturbation, feature, feature_name (where the cube
+    carries names: ``from_table``'s gene_name column, ``from_anndata``'s var names with
+    ``feature_key``), log_fold_change, log2_fold_change, standard_error, statistic, p_value,
+    q_value, base_mean (exp of log_base_mean: the control rate per unit size factor) and
+    dispersion (exp of log_dispersion). ``q_max`` keeps comparisons with q_value <= q_max
+    (untestable ones, NaN q, never pass); ``perturbations``/``features`` keep those labels (a
+    feature also by its name). Without ``q_max`` every
     comparison is a row, untestable ones (NaN p) included. Rows are ordered by perturbation,
     then feature, as in the results. Lazy results are filtered block by block on ``client``
     (default: the active client, else dask's threads); only kept rows reach the client.

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ResultsError
-from .schema import FEATURE, PERTURBATION
+from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
 
 #: p-value histogram: equal bins on [0, 1].
 P_BINS = 40
@@ -61,6 +61,12 @@ class Overview:
     perturbations: np.ndarray
     features: np.ndarray
     truth: dict = field(default_factory=dict)
+    feature_names: np.ndarray | None = None  # the cube's feature_name, where it has one
+
+    @property
+    def feature_display(self) -> np.ndarray:
+        """What a person reads a feature by: its name where there is one, else its label."""
+        return self.features if self.feature_names is None else self.feature_names
 
     @property
     def n_untestable(self) -> int:
@@ -236,8 +242,6 @@ def overview(results: xr.Dataset, *, q_max: float = 0.1, truth: xr.Dataset | Non
                      local=in_memory(arrays))
     _, hits_p, up_p, tested_p = merged["per_perturbation"]
     _, hits_f, up_f = merged["per_feature"]
-    labels = [np.asarray(results[d].values).astype(str) if d in results.coords
-              else np.arange(results.sizes[d]).astype(str) for d in (PERTURBATION, FEATURE)]
     return Overview(
         q_max=float(q_max), n_comparisons=int(merged["n_comparisons"]),
         n_tested=int(merged["n_tested"]), n_hits=int(merged["n_hits"]), n_up=int(merged["n_up"]),
@@ -245,8 +249,9 @@ def overview(results: xr.Dataset, *, q_max: float = 0.1, truth: xr.Dataset | Non
         log_hist=merged["log_hist"], top=merged["top"], hits=merged["hits"],
         sample=merged["sample"], hits_per_perturbation=hits_p, up_per_perturbation=up_p,
         hits_per_feature=hits_f, up_per_feature=up_f, tested_per_perturbation=tested_p,
-        perturbations=labels[0], features=labels[1],
-        truth=_truth_metrics(merged["truth"], float(q_max)) if "truth" in merged else {})
+        perturbations=labels(results, PERTURBATION), features=labels(results, FEATURE),
+        truth=_truth_metrics(merged["truth"], float(q_max)) if "truth" in merged else {},
+        feature_names=labels(results, FEATURE_NAME) if FEATURE_NAME in results.coords else None)
 
 
 def qq_points(ov: Overview, *, n_points: int = 400, level: float = 0.95) -> dict:

@@ -134,6 +134,6 @@ def screen(ov: Overview, *, n: int = 20) -> bytes:
     left, right = fig.subplots(1, 2)
     _ranked(left, ov.perturbations, ov.hits_per_perturbation, ov.up_per_perturbation,
             f"perturbations with the most hits (top {n})", n)
-    _ranked(right, ov.features, ov.hits_per_feature, ov.up_per_feature,
+    _ranked(right, ov.feature_display, ov.hits_per_feature, ov.up_per_feature,
             f"features hit by the most perturbations (top {n})", n)
     return png(fig)

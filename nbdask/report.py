@@ -147,17 +147,22 @@ def _volcano_hits(ov: Overview) -> str:
 def _top_section(ov: Overview, source: str | None) -> str:
     t = ov.top
     n = min(TOP_ROWS, len(t["p_value"]))
-    head = ("<tr><th>#</th><th>perturbation</th><th>feature</th><th>log2 FC</th><th>base mean</th>"
-            "<th>dispersion</th><th>SE</th><th>p</th><th>q</th></tr>")
+    named = ov.feature_names is not None
+    head = ("<tr><th>#</th><th>perturbation</th><th>feature</th>"
+            + ("<th>name</th>" if named else "")
+            + "<th>log2 FC</th><th>base mean</th><th>dispersion</th><th>SE</th><th>p</th>"
+              "<th>q</th></tr>")
     rows = []
     with np.errstate(over="ignore"):
         for i in range(n):
             lfc2 = float(t["log_fold_change"][i]) / np.log(2)
             cls = "up" if lfc2 > 0 else "down"
             q = t["q_value"][i]
+            col = t["col"][i]
+            name = f"<td>{html.escape(ov.feature_names[col])}</td>" if named else ""
             rows.append(
                 f"<tr><td>{i + 1}</td><td>{html.escape(ov.perturbations[t['row'][i]])}</td>"
-                f"<td>{html.escape(ov.features[t['col'][i]])}</td>"
+                f"<td>{html.escape(ov.features[col])}</td>{name}"
                 f'<td class="num {cls}">{lfc2:+.2f}</td>'
                 f'<td class="num">{_g(np.exp(float(t["log_base_mean"][i])))}</td>'
                 f'<td class="num">{_g(np.exp(float(t["log_dispersion"][i])))}</td>'

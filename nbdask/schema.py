@@ -17,6 +17,7 @@ from .errors import CubeError
 
 PERTURBATION = "perturbation"
 FEATURE = "feature"
+FEATURE_NAME = "feature_name"
 REPLICATE = "replicate"
 CONTROL_REPLICATE = "control_replicate"
 #: Quantile nodes of a feature's dispersion posterior (``feature_dispersion_nodes``).
@@ -37,6 +38,15 @@ class Variable:
 
     def attrs(self) -> dict[str, str]:
         return {"comment": self.doc}
+
+
+def labels(ds: xr.Dataset, name: str) -> np.ndarray:
+    """A coordinate's values as NumPy text (fixed-width, whatever width or kind it was stored
+    as: Zarr's variable-length strings read back as NumPy's StringDType, which does not cast
+    to ``str``); a dimension without one is labelled 0, 1, ..."""
+    if name not in ds.coords:
+        return np.arange(ds.sizes[name]).astype(str)
+    return np.asarray(ds[name].values).astype(object).astype(str)
 
 
 def _declare(*variables: Variable) -> dict[str, Variable]:
@@ -75,6 +85,13 @@ PROVENANCE = _declare(
              "Imported cubes: the sample each control replicate was summed from.", "str"),
     Variable("control_cells", (CONTROL_REPLICATE,), "i",
              "Imported single-cell cubes: control cells summed into each control replicate.", "int64"),
+)
+
+#: Names beside the labels: a coordinate of the cube that ``nbdask.test`` carries into the results.
+LABELS = _declare(
+    Variable(FEATURE_NAME, (FEATURE,), "UOT",
+             "Imported cubes: each feature's name (gene symbol) where the feature labels are ids; "
+             "shown beside them in hit tables and reports.", "str"),
 )
 
 _PF = (PERTURBATION, FEATURE)
@@ -154,6 +171,10 @@ def validate_structure(ds: xr.Dataset) -> None:
                 dup = labels[labels.duplicated()][:3].tolist()
                 _fail(f"{dim}: coordinate labels are not unique (e.g. {dup}); "
                       f"give every {dim} a distinct label")
+    for name, spec in LABELS.items():
+        if name in ds.variables and (ds[name].dims != spec.dims or ds[name].dtype.kind not in spec.kinds):
+            _fail(f"{name}: has dims {ds[name].dims} and dtype {ds[name].dtype}, expected text "
+                  f"along {spec.dims}; give every feature its name as a string, or drop it")
     for name in INPUTS:
         chunks = ds[name].chunks
         if chunks is None:

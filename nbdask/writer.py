@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
+import dask
 import numpy as np
 import xarray as xr
 import zarr
@@ -282,8 +283,9 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
     if resume:
         done = zarr.open_group(store, mode="r")[DONE_ARRAY][:]
     else:
-        ds.to_zarr(store, mode="w", zarr_format=3, consolidated=False, compute=False,
-                   encoding=_encoding(ds, grid))  # metadata and small variables only
+        small = _small_loaded(ds)  # metadata and small variables only
+        small.to_zarr(store, mode="w", zarr_format=3, consolidated=False, compute=False,
+                      encoding=_encoding(small, grid))
         done = np.zeros(tuple(len(c) for c in chunks), dtype=bool)
         zarr.open_group(store, mode="r+").create_array(
             DONE_ARRAY, shape=done.shape, chunks=(1, 1), dtype=bool, fill_value=False,
@@ -307,6 +309,20 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
         show_progress(futures)
     total = client.gather(futures)
     return (total if len(todo) == done.size else None), len(todo)
+
+
+def _small_loaded(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with its lazy variables that are not [perturbation, feature] results (coordinates
+    taken from the cube, such as ``feature_name``) computed: ``to_zarr(compute=False)`` writes
+    only the skeleton of lazy arrays, and no block task writes these."""
+    small = [n for n, v in ds.variables.items()
+             if v.chunks is not None and v.dims != (PERTURBATION, FEATURE)]
+    if not small:
+        return ds
+    # read here, as open_cube read the index coordinates: a few values per feature
+    values = dict(zip(small, dask.compute(*(ds[n].variable for n in small), scheduler="threads")))
+    coords = {n: v for n, v in values.items() if n in ds.coords}
+    return ds.assign_coords(coords).assign({n: v for n, v in values.items() if n not in coords})
 
 
 def _write_q(client, q_ds: xr.Dataset, store, grid: dict, progress: bool) -> dict:

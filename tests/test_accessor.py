@@ -39,6 +39,12 @@ def test_test_hits_and_card(cube):
     best = hits.sort_values("p_value").iloc[0]
     assert "nbdask results" in html and "mom" in html and f"{24 * 20:,}" in html
     assert best["perturbation"] in html and f"{best['p_value']:.2e}" in html
+    assert "<th>name</th>" not in html
+    named = res.assign_coords(feature_name=("feature", [f"SYM{j}" for j in range(20)]))
+    card = named.nb._repr_html_()
+    name = f"SYM{list(res.feature.values).index(best['feature'])}"
+    assert "<th>feature</th><th>name</th>" in card
+    assert f"<td>{best['perturbation']}</td><td>{best['feature']}</td><td>{name}</td>" in card
     assert "count cube" in cube.nb._repr_html_()
 
 

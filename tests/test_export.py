@@ -1,6 +1,7 @@
 """Tidy hit tables: to_dataframe and `nbdask export`, against pandas on the full arrays."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ import nbdask
 from nbdask.export import export_hits, to_dataframe
 
 pq = pytest.importorskip("pyarrow.parquet")
+#: A hit table's columns for results without feature names (a simulated cube has none).
+UNNAMED = [c for c in nbdask.export.COLUMNS if c != "feature_name"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_to_dataframe_equals_pandas_on_the_full_arrays(stored, client):
     for q_max in (None, 0.1):
         got = to_dataframe(res, q_max=q_max)
         ref = pandas_reference(res, q_max)
-        assert list(got.columns) == list(nbdask.export.COLUMNS)
+        assert list(got.columns) == UNNAMED
         assert len(ref) > (0 if q_max else 1900)
         pd.testing.assert_frame_equal(got, ref, check_dtype=False, rtol=1e-6)
         assert got["p_value"].dtype == np.float64 and got["log_fold_change"].dtype == np.float32
@@ -113,7 +116,7 @@ def test_parquet_row_groups_stream_and_an_empty_table_keeps_its_schema(stored, t
     empty = tmp_path / "none.parquet"
     assert export_hits(res, empty, q_max=0.0) == 0
     table = pd.read_parquet(empty)
-    assert len(table) == 0 and list(table.columns) == list(nbdask.export.COLUMNS)
+    assert len(table) == 0 and list(table.columns) == UNNAMED
 
 
 def test_an_interrupted_export_leaves_no_file(stored, tmp_path):
@@ -129,3 +132,42 @@ def test_an_interrupted_export_leaves_no_file(stored, tmp_path):
     with pytest.raises(RuntimeError, match="disk vanished"):
         export_hits(res, path)
     assert os.listdir(tmp_path) == []
+
+
+def test_feature_names_travel_from_the_cube_to_hit_tables_and_the_report(tmp_path, client):
+    """A cube with feature_name (ids as labels, gene symbols beside them, one symbol twice):
+    the stored results carry the names, the hit table has them in its feature_name column, a
+    feature can be selected by its name, and the report's top hits show them."""
+    cube = nbdask.simulate(perturbations=32, features=40, replicates=3, control_replicates=4,
+                           effect_fraction=0.3, seed=5, chunks=16)
+    names = np.array([f"SYM{j}" for j in range(40)], dtype=object)
+    names[[3, 30]] = "TBCE"
+    cube = cube.assign_coords(feature_name=("feature", names))
+    nbdask.save_cube(cube, str(tmp_path / "cube.zarr"))
+    out = str(tmp_path / "results.zarr")
+    nbdask.save_results(nbdask.test(nbdask.open_cube(str(tmp_path / "cube.zarr"))), out,
+                        client=client)
+    res = nbdask.open_results(out)
+    assert [str(x) for x in res["feature_name"].values] == names.tolist()
+
+    got = to_dataframe(res, q_max=0.2)
+    assert list(got.columns) == list(nbdask.export.COLUMNS) and len(got) > 20
+    by_label = dict(zip(res["feature"].values.astype(str), names))
+    assert got["feature_name"].tolist() == [by_label[f] for f in got["feature"]]
+    picked = to_dataframe(res, features=["TBCE", "G07"])
+    assert sorted(set(picked["feature"])) == ["G03", "G07", "G30"] and len(picked) == 96
+    with pytest.raises(nbdask.OptionError, match=r"^features: \['NOPE'\] not in the results"):
+        to_dataframe(res, features=["NOPE"])
+
+    csv = str(tmp_path / "hits.csv")
+    r = run_cli("export", out, csv, "--feature", "TBCE")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    table = pd.read_csv(csv)
+    assert set(table["feature_name"]) == {"TBCE"} and len(table) == 64
+
+    from nbdask.report import render
+
+    page = render(res, q_max=0.2, client=client).fragment
+    assert "<th>feature</th><th>name</th>" in page
+    top = re.findall(r"<tr><td>\d+</td><td>P\d+</td><td>(G\d+)</td><td>([^<]*)</td>", page)
+    assert len(top) >= 10 and all(name == by_label[f] for f, name in top)

@@ -356,6 +356,7 @@ def test_features_take_their_ids_from_a_var_column(tmp_path, nbdask_main):
     for source in (adata, str(h5ad), str(store)):
         cube = nbdask.from_anndata(source, feature_key="gene_ids", **opts)
         assert list(cube.feature.values) == ids, source
+        assert list(cube.feature_name.values) == symbols, source  # the var names name them
         np.testing.assert_array_equal(cube.counts.values, reference.counts.values)
         np.testing.assert_array_equal(cube.control_counts.values, reference.control_counts.values)
 
@@ -365,6 +366,7 @@ def test_features_take_their_ids_from_a_var_column(tmp_path, nbdask_main):
                                     "NTC-2", "--feature-key", "gene_ids", "--workers", "1",
                                     "--no-progress")
     assert code == 0, err
+    assert "feature names        from var_names (ids from var column gene_ids)" in stdout
     assert list(nbdask.open_cube(str(out)).feature.values) == ids
 
     cases = {

@@ -204,7 +204,7 @@ def test_estimated_counts_are_rounded_only_when_asked(tmp_path, nbdask_main):
     np.testing.assert_array_equal(cube.counts.values[0], expected[["A1", "A2", "A3"]])
 
 
-def test_nf_core_merged_counts_load_with_round(tmp_path):
+def test_nf_core_merged_counts_load_with_round(tmp_path, nbdask_main):
     """nf-core/rnaseq's salmon.merged.gene_counts.tsv: gene_id, gene_name, then estimated counts."""
     table, sheet = bulk(seed=7)
     merged = (table + 0.25).assign(gene_name=[f"SYM{j}" for j in range(len(table))])
@@ -212,9 +212,26 @@ def test_nf_core_merged_counts_load_with_round(tmp_path):
     counts, samples = write(tmp_path, merged, sheet)
     cube = nbdask.from_table(counts, samples, group_column="condition", control="untreated",
                              round_counts=True)
-    assert cube.attrs["dropped_columns"] == ["gene_name"]
+    assert "dropped_columns" not in cube.attrs  # gene_name became the features' names
+    assert cube.attrs["feature_names_from"] == "column gene_name"
+    assert cube["feature_name"].values.tolist() == merged["gene_name"].tolist()
     assert cube.attrs["n_rounded"] == table.size
     np.testing.assert_array_equal(cube.control_counts.values, table[["ctrl1", "ctrl2", "ctrl3"]])
+    code, out, err = nbdask_main("import", "table", counts, tmp_path / "cube.zarr", "--samples",
+                                 samples, "--group-column", "condition", "--control", "untreated",
+                                 "--round", "--name-column", "gene_name")
+    assert code == 0 and err == "", err
+    assert f"feature names        from column gene_name (ids from column {table.index.name})" in out
+    # names from a column the user names; a gene without one keeps its id; other text columns
+    # are still dropped as annotation
+    named = merged.assign(biotype="protein_coding", symbol=[None, *merged["gene_name"][1:]])
+    cube = nbdask.from_table(named, sheet, group_column="condition", control="untreated",
+                             sample_column="sample", round_counts=True, name_column="symbol")
+    assert cube["feature_name"].values.tolist() == [table.index[0], *merged["gene_name"][1:]]
+    assert cube.attrs["dropped_columns"] == ["gene_name", "biotype"]
+    with pytest.raises(nbdask.SourceError, match=r"^name_column='gene': not a column of counts"):
+        nbdask.from_table(named, sheet, group_column="condition", control="untreated",
+                          sample_column="sample", round_counts=True, name_column="gene")
     # a numeric column the sheet lacks is a missing sample, not annotation
     with pytest.raises(nbdask.SourceError, match=r"column\(s\) \['C9'\] are not samples"):
         nbdask.from_table(table.assign(C9=1), sheet, group_column="condition", control="untreated",

@@ -6,7 +6,7 @@ import xarray as xr
 
 import nbdask
 from nbdask.errors import CubeError, ResultsError
-from nbdask.schema import INPUTS, OUTPUTS
+from nbdask.schema import INPUTS, LABELS, OUTPUTS
 from conftest import make_cube
 
 
@@ -55,6 +55,11 @@ STRUCTURE_CASES = {
     "mismatched feature coordinates": (misaligned_controls, "control_counts", "NaN"),
     "duplicate feature labels": (lambda: good_cube().assign_coords(feature=["a", "a", "b", "c", "d", "e"]), "feature", "unique"),
     "chunked replicate axis": (lambda: good_cube().chunk({"replicate": 1}), "counts", "replicate"),
+    "numeric feature names": (lambda: good_cube().assign_coords(feature_name=("feature", np.arange(6))),
+                              "feature_name", "expected text along ('feature',)"),
+    "feature names along perturbation": (
+        lambda: good_cube().assign_coords(feature_name=("perturbation", list("abcdefgh"))),
+        "feature_name", "has dims ('perturbation',)"),
 }
 
 
@@ -142,6 +147,6 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 
 def test_every_variable_declared_once_with_doc():
-    for spec in {**INPUTS, **OUTPUTS}.values():
+    for spec in {**INPUTS, **OUTPUTS, **LABELS}.values():
         assert spec.doc and spec.dims
     assert OUTPUTS["p_value"].dtype == OUTPUTS["q_value"].dtype == "float64"

@@ -235,7 +235,8 @@ def from_anndata(adata, *, perturbation_key: str, sample_key: str, control,
         obs columns: each cell's perturbation (guide, gene) and sample (donor, lane, batch).
     feature_key
         A var column of unique feature ids to label the features with (e.g. ``"gene_ids"``
-        where var_names are gene symbols with duplicates); default: var_names.
+        where var_names are gene symbols with duplicates); default: var_names. The var names
+        then become the cube's ``feature_name`` coordinate.
     control
         The control label, or several (pooled into one control group per sample).
     min_cells
@@ -306,5 +307,9 @@ def prepare(adata, *, perturbation_key: str, sample_key: str, control, layer: st
                                                   shards=(p_shard, g_shard))
     attrs = {"source": source.name, "source_element": source.element,
              "perturbation_key": perturbation_key, "sample_key": sample_key, **groups.summary}
-    cube = cubemod.assemble(groups, counts, control_counts, var_names, attrs)
+    if feature_key is not None:
+        attrs.update(feature_ids_from=f"var column {feature_key}", feature_names_from="var_names")
+    # With ids as labels, the var index (gene symbols, as scanpy reads 10x files) names them.
+    names = None if feature_key is None else source.var_names
+    cube = cubemod.assemble(groups, counts, control_counts, var_names, attrs, feature_names=names)
     return cubemod.Pending(cube, groups, option, problems, describe)

@@ -70,6 +70,10 @@ def add_parser(sub, storage_option) -> None:
                             "htseq-count output load as written.",
                 command=TABLE_CMD, control=BULK_CONTROL)
     tab.add_argument("--samples", required=True, help="sample sheet: one row per sample")
+    tab.add_argument("--name-column", metavar="COLUMN",
+                     help="the table's column of gene names beside the ids, shown in hit tables "
+                          "and reports (default: gene_name, gene_symbol, symbol or "
+                          "external_gene_name, if there is one)")
     _bulk(tab, storage_option)
 
     files = _door(kinds, "files", "samples",
@@ -147,7 +151,8 @@ def run(args, storage_options: dict) -> int:
                        round_counts=args.round, store=args.cube, shards=args.shards,
                        overwrite=args.overwrite, storage_options=storage_options)
         if args.source == "table":
-            cube, source = from_table(args.counts, args.samples, **options), args.counts
+            cube = from_table(args.counts, args.samples, name_column=args.name_column, **options)
+            source = args.counts
         else:
             cube = from_files(args.samples, file_column=args.file_column,
                               directory=args.directory, count_column=args.count_column, **options)
@@ -181,6 +186,9 @@ def summary_lines(cube) -> list[str]:
     ]
     if a.get("sample_ids_from"):
         lines.append(f"sample ids           from {a['sample_ids_from']}")
+    if a.get("feature_names_from"):
+        lines.append(f"feature names        from {a['feature_names_from']} (ids from "
+                     f"{a['feature_ids_from']})")
     if a.get("dropped_columns"):
         lines.append(f"dropped columns      {', '.join(a['dropped_columns'])} (gene annotation, not samples)")
     if "n_rounded" in a:

@@ -19,7 +19,8 @@ import numpy as np
 import xarray as xr
 
 from ..errors import SourceError
-from ..schema import (CONTROL_REPLICATE, FEATURE, INPUTS, PERTURBATION, PROVENANCE, REPLICATE)
+from ..schema import (CONTROL_REPLICATE, FEATURE, INPUTS, LABELS, PERTURBATION, PROVENANCE,
+                      REPLICATE)
 from . import size_factors as sfmod
 from .groups import Groups
 
@@ -44,8 +45,10 @@ class Pending:
             raise SourceError(message)
 
 
-def assemble(groups: Groups, counts, control_counts, features, attrs: Mapping) -> xr.Dataset:
-    """The cube Dataset (design §2) with NaN size factors, provenance variables and ``attrs``."""
+def assemble(groups: Groups, counts, control_counts, features, attrs: Mapping, *,
+             feature_names=None) -> xr.Dataset:
+    """The cube Dataset (design §2) with NaN size factors, provenance variables, ``attrs`` and,
+    given ``feature_names``, the ``feature_name`` coordinate."""
     n_pert, n_rep, n_ctrl = groups.shape
     variables = {
         "counts": (INPUTS["counts"].dims, counts),
@@ -63,6 +66,10 @@ def assemble(groups: Groups, counts, control_counts, features, attrs: Mapping) -
                       attrs={k: v for k, v in attrs.items() if k != "unit"})
     for name, var in cube.data_vars.items():
         var.attrs.update({**INPUTS, **PROVENANCE}[name].attrs())
+    if feature_names is not None:
+        spec = LABELS["feature_name"]
+        cube = cube.assign_coords({spec.name: (spec.dims, np.asarray(feature_names, dtype=str),
+                                               spec.attrs())})
     return cube
 
 

@@ -40,6 +40,8 @@ FEATURECOUNTS_COLUMNS = ("Chr", "Start", "End", "Strand", "Length")
 #: that starts with "__" (htseq-count's ``__no_feature``, ``__ambiguous``, ...), as DESeq2's
 #: ``DESeqDataSetFromHTSeqCount`` drops them.
 STAR_ROWS = ("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous")
+#: Text columns taken for the genes' names (lower case), in the order tried.
+NAME_COLUMNS = ("gene_name", "gene_symbol", "symbol", "external_gene_name")
 #: Suffixes of alignment files, whose paths featureCounts writes as sample column names.
 ALIGNMENT_SUFFIXES = (".bam", ".sam", ".cram")
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -143,9 +145,10 @@ def _sheet(samples, sample_column: str | None) -> tuple[pd.DataFrame, str]:
     return sheet, sheet_name
 
 
-def _load(counts, samples, *, group_column: str, sample_column: str | None):
+def _load(counts, samples, *, group_column: str, sample_column: str | None,
+          name_column: str | None = None):
     """(table genes x samples, sheet indexed by sample id, name of the table for messages, attrs
-    saying what of a count tool's layout was dropped or renamed)."""
+    saying what of a count tool's layout was dropped or renamed, gene names or None)."""
     name = str(counts) if isinstance(counts, (str, Path)) else "counts"
     table = _read(counts, "count table", index_col=0) if isinstance(counts, (str, Path)) else counts
     if not isinstance(table, pd.DataFrame):
@@ -172,17 +175,41 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None):
     # Text columns beside the counts are gene annotation (nf-core/rnaseq's gene_name), not
     # samples; a numeric one is more likely a sample the sheet lacks, which stays an error.
     labels = [s for s in extra if not pd.api.types.is_numeric_dtype(table[s])]
+    names = _gene_names(table, labels, name_column, name)
+    if names is not None:
+        notes["feature_names_from"] = f"column {names.name}"
+        notes["feature_ids_from"] = (f"column {table.index.name}" if table.index.name
+                                     else "the first column")
+        labels = [s for s in labels if s != names.name]
     if labels:
         notes["dropped_columns"] = notes.get("dropped_columns", []) + labels
         extra = [s for s in extra if s not in labels]
+    extra = [s for s in extra if names is None or s != names.name]
     if extra:
         raise SourceError(f"{name}: column(s) {extra[:5]} are not samples in {sheet_name}; add them "
                           f"to the sheet or drop the columns (the first column must be the gene ids)")
-    return table[list(sheet.index)], sheet, name, notes
+    return table[list(sheet.index)], sheet, name, notes, names
+
+
+def _gene_names(table: pd.DataFrame, text: list[str], name_column: str | None, name: str):
+    """The genes' names beside their ids (the cube's ``feature_name``): column ``name_column``,
+    else the first text column called one of NAME_COLUMNS; a gene without a name keeps its id."""
+    if name_column is None:
+        found = [c for c in text if c.lower() in NAME_COLUMNS]
+        if not found:
+            return None
+        name_column = found[0]
+    elif name_column not in table.columns:
+        raise SourceError(f"name_column={name_column!r}: not a column of {name} (its columns: "
+                          f"{list(table.columns)[:8]}); pass the column of gene names, or none")
+    names = table[name_column]
+    named = names.notna() & (names.astype(str).str.strip() != "")
+    return names.astype(str).where(named, table.index.to_series()).rename(name_column)
 
 
 def from_table(counts, samples, *, group_column: str, control, size_factors="ratio",
-               sample_column: str | None = None, round_counts: bool = False, store: str | None = None,
+               sample_column: str | None = None, name_column: str | None = None,
+               round_counts: bool = False, store: str | None = None,
                shards: int | tuple[int, int] = DEFAULT_SHARDS, overwrite: bool = False,
                storage_options: Mapping | None = None):
     """A bulk count table and its sample sheet as a count cube (design §2).
@@ -206,6 +233,11 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     size_factors
         ``"ratio"`` (DESeq2 median of ratios, default), ``"poscounts"``, ``"total"``, or one
         value per sample (in sheet order, or a Series indexed by sample id).
+    name_column
+        The table's column of gene names (symbols) beside the ids, kept as the cube's
+        ``feature_name`` coordinate (hit tables and reports show it); by default the first text
+        column called ``gene_name``, ``gene_symbol``, ``symbol`` or ``external_gene_name``
+        (nf-core/rnaseq writes ``gene_name``), if any. A gene without a name keeps its id.
     round_counts
         Round non-integer values to the nearest integer (half to even), as DESeq2's
         ``DESeqDataSetFromTximport`` does for the estimated counts of salmon, kallisto or RSEM;
@@ -219,8 +251,8 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     Dataset with ``counts`` [P, G, R] (R: the largest group), NaN size factors where a group has
     fewer samples, ``control_counts`` [G, C], provenance ``replicate_sample``/``control_sample``.
     """
-    table, sheet, name, notes = _load(counts, samples, group_column=group_column,
-                               sample_column=sample_column)
+    table, sheet, name, notes, names = _load(counts, samples, group_column=group_column,
+                                             sample_column=sample_column, name_column=name_column)
     if isinstance(size_factors, pd.Series):
         size_factors = size_factors.set_axis(size_factors.index.astype(str)).reindex(sheet.index)
     option = check_option(size_factors, len(sheet), "sample")
@@ -242,7 +274,8 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     summary = {k: v for k, v in groups.summary.items() if k != "min_cells"}
     attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary, **notes}
     cube = cubemod.in_memory(cubemod.Pending(
-        cubemod.assemble(groups, counts_, control_, table.index, attrs), groups, option,
+        cubemod.assemble(groups, counts_, control_, table.index, attrs, feature_names=names),
+        groups, option,
         problems, lambda found: None), scheduler="threads")
     if store is None:
         return cube
