@@ -370,7 +370,7 @@ def _test(args) -> int:
     from .cluster import compute_client
     from .io import open_cube, open_results, results_status
     from .pipeline import test
-    from .summary import summarize
+    from .summary import line, summarize, text_lines
     from .writer import RESUME_COMPLETE, save_results, stored_pooling
 
     so = _storage_options(args.storage_option)
@@ -398,17 +398,13 @@ def _test(args) -> int:
                                  progress=not args.no_progress)
     summary = summarize(saved)
     print()
-    print(f"comparisons      {summary['n_comparisons']:>14,}")
-    print(f"tested           {summary['n_tests']:>14,}")
-    print(f"untestable       {summary['n_untestable']:>14,}")
-    if "n_significant_q05" in summary:
-        print(f"q < 0.05         {summary['n_significant_q05']:>14,}")
-        print(f"q < 0.10         {summary['n_significant_q10']:>14,}")
+    for row in text_lines(summary, timing=False):
+        print(row)
     if start is not None:
         wall = time.perf_counter() - start
-        print(f"wall time        {wall:>14.1f} s")
-        print(f"comparisons/s    {summary['n_comparisons'] / wall:>14,.0f}")
-    print(f"results          {args.results}")
+        print(line("wall time", wall, "wall_seconds"))
+        print(line("comparisons/s", summary["n_comparisons"] / wall, "comparisons_per_second"))
+    print(f"results              {args.results}")
     return 0
 
 
@@ -435,7 +431,7 @@ def _reading_client(args):
 
 def _report(args) -> int:
     from .io import open_cube, open_results
-    from .summary import summarize
+    from .summary import summarize, text_lines
 
     so = _storage_options(args.storage_option)
     results = open_results(args.results, storage_options=so)
@@ -454,9 +450,8 @@ def _report(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for key, value in summary.items():
-            text = f"{value:,.4f}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
-            print(f"{key:<26} {text}")
+        for row in text_lines(summary):
+            print(row)
     if args.html:
         print(f"HTML report ({report.overview.n_hits:,} hits at q <= {args.q_max:g}) written to "
               f"{args.html} in {time.perf_counter() - start:.1f} s; open it in a browser",

@@ -37,6 +37,49 @@ def summarize(results: xr.Dataset, *, truth: xr.Dataset | None = None) -> dict:
     return out
 
 
+#: How ``nbdask report`` and ``nbdask test`` print a summary's keys, in this order (``--json``
+#: keeps the keys).
+TEXT = {
+    "method": "method", "dispersion": "dispersion", "test": "test", "fdr": "fdr",
+    "n_comparisons": "comparisons", "n_tests": "tested", "n_untestable": "untestable",
+    "n_significant_q05": "q < 0.05", "n_significant_q10": "q < 0.10",
+    "wall_seconds": "compute time", "comparisons_per_second": "comparisons/s",
+    "fpr_p05_nulls": "null FPR, p < 0.05",
+    "fdp_q05": "FDP, q < 0.05", "power_q05": "power, q < 0.05",
+    "fdp_q10": "FDP, q < 0.10", "power_q10": "power, q < 0.10",
+    "mae_log_fold_change": "MAE, log fold change", "mae_log_base_mean": "MAE, log base mean",
+}
+#: The keys that time a run (``nbdask test`` prints its own, from process start).
+TIMING = ("wall_seconds", "comparisons_per_second")
+
+
+def text_lines(summary: dict, *, timing: bool = True) -> list[str]:
+    """``summarize``'s dict as aligned lines a person reads: labels from TEXT (then any other
+    key as it is), counts with thousands separators, times in seconds."""
+    keys = [k for k in TEXT if k in summary] + [k for k in summary if k not in TEXT]
+    lines = []
+    for key in keys:
+        if key in TIMING and not timing:
+            continue
+        lines.append(line(TEXT.get(key, key), summary[key], key))
+    return lines
+
+
+def line(label: str, value, key: str = "") -> str:
+    """One aligned summary line."""
+    if key == "wall_seconds":
+        text = f"{value:.1f} s"
+    elif key == "comparisons_per_second":
+        text = f"{value:,.0f}"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        text = str(value)
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = f"{value:.4f}"
+    return f"{label:<20} {text:>14}"
+
+
 def _against_truth(results: xr.Dataset, truth: xr.Dataset) -> dict:
     lfc = truth["true_log_fold_change"].values
     null = lfc == 0
