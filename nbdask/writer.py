@@ -87,7 +87,7 @@ def save_results(results: xr.Dataset, url: str, *, overwrite: bool = False,
             grid = dict(zip(results["p_value"].dims, (c[0] for c in results["p_value"].chunks)))
             first = results.drop_vars("q_value", errors="ignore")
             levels = _filter_levels(results) if fdr != "none" else None
-            with compute_client(client=client) as active:
+            with compute_client(client=client) as active, _graph_allowance(results):
                 stats, n_blocks = _write_blocks(active, first, store, grid, progress, resume, levels)
                 release_cached_counts(active)  # the FDR pass reads p-values, not counts
                 final["resumed_blocks" if resume else "computed_blocks"] = n_blocks
@@ -309,6 +309,22 @@ def _write_blocks(client, ds: xr.Dataset, store, grid: dict, progress: bool, res
         show_progress(futures)
     total = client.gather(futures)
     return (total if len(todo) == done.size else None), len(todo)
+
+
+#: distributed's setting for the graph size above which it warns on stderr.
+LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
+
+
+def _graph_allowance(results: xr.Dataset):
+    """distributed's large-graph warning threshold raised by the per-feature inputs the kernel
+    tasks carry in their graph (the pooled dispersions, their posterior nodes and weights: 33
+    float64 per feature, 16 MB for a 60,000-gene table), which travel once by design; the
+    warning still fires for anything else large."""
+    from dask.utils import parse_bytes
+
+    carried = sum(v.nbytes for v in results.data_vars.values()
+                  if v.chunks is None and PERTURBATION not in v.dims)
+    return dask.config.set({LARGE_GRAPH: parse_bytes(dask.config.get(LARGE_GRAPH)) + 2 * carried})
 
 
 def _small_loaded(ds: xr.Dataset) -> xr.Dataset:

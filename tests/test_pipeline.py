@@ -166,6 +166,22 @@ def test_cli_end_to_end(tmp_path, client, nbdask_main):
                                rtol=1e-12)
 
 
+def test_a_genome_sized_feature_axis_prints_nothing_on_stderr(tmp_path):
+    """60,000 genes (a GENCODE table): the pooled dispersions' posterior nodes and weights ride
+    in the kernel tasks' graph (33 float64 per feature, 16 MB), over distributed's 10 MB
+    large-graph warning; that warning must not reach the user's terminal, and the p-values
+    are those of the in-memory run."""
+    cube, out = str(tmp_path / "c.zarr"), str(tmp_path / "r.zarr")
+    r = run_cli("simulate", cube, "--perturbations", "2", "--features", "60000", "--replicates",
+                "2", "--control-replicates", "3", "--seed", "4")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("test", cube, out, "--workers", "1", "--no-progress")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    expected = nbdask.test(nbdask.open_cube(cube).load())
+    np.testing.assert_array_equal(nbdask.open_results(out)["p_value"].values,
+                                  expected["p_value"].values)
+
+
 def test_cli_against_a_running_scheduler(tmp_path, client):
     cube, out = str(tmp_path / "c.zarr"), str(tmp_path / "r.zarr")
     assert run_cli("simulate", cube, "--perturbations", "20", "--features", "20", "--shards", "10").returncode == 0
