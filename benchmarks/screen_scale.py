@@ -12,6 +12,9 @@ beside the in-process pipeline (``--cli-only`` skips the latter): the figure a u
 process start, cluster start, validation, the pooling pass and the FDR pass included.
 ``--raw-again`` measures the raw read + write once more after the command and prints the ratio
 to it and to the mean of both: on a shared VM the machine's speed drifts within a run.
+``--raw-one-process`` also measures the raw read + write in this one process, one block at a
+time (dask's synchronous scheduler), as issue #16 measured its baseline, and prints the ratio to
+that too; the default bound reads and writes in parallel on the workers, which is stricter.
 
     python benchmarks/screen_scale.py --perturbations 20000 --features 20000 --workers 2 \\
         --memory-limit 8GiB [--cli]
@@ -45,7 +48,7 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def raw_write(path: str, shape, shard: int, names) -> float:
+def raw_write(path: str, shape, shard: int, names, scheduler=None) -> float:
     """Compress and write random arrays shaped like the outputs (same codec and shards)."""
     from zarr.codecs import BloscCodec
 
@@ -58,18 +61,19 @@ def raw_write(path: str, shape, shard: int, names) -> float:
                                    chunks=(_inner(shard), _inner(shard)), shards=(shard, shard),
                                    compressors=[BloscCodec(shuffle="shuffle", **RESULTS_CODEC)])
         arrays.append(da.store(src, target, lock=False, compute=False))
-    da.compute(*arrays)
+    da.compute(*arrays, scheduler=scheduler)
     return time.perf_counter() - start
 
 
-def raw_io(args, cube_path, out: str, names) -> tuple[float, float]:
+def raw_io(args, cube_path, out: str, names, scheduler=None) -> tuple[float, float]:
     """(raw read + decompress of the counts, raw compress + write of ``names``), seconds, on
-    the active client."""
+    the active client (or ``scheduler``: "sync" for one block at a time in this process)."""
     counts = da.from_zarr(zarr.open_array(str(cube_path / "counts"), mode="r"))
     start = time.perf_counter()
-    counts.sum().compute()
+    counts.sum().compute(scheduler=scheduler)
     read = time.perf_counter() - start
-    write = raw_write(f"{out}/raw.zarr", (args.perturbations, args.features), args.shards, names)
+    write = raw_write(f"{out}/raw.zarr", (args.perturbations, args.features), args.shards, names,
+                      scheduler)
     shutil.rmtree(f"{out}/raw.zarr", ignore_errors=True)
     return read, write
 
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--raw-again", action="store_true",
                     help="with --cli: measure the raw read + write again after the command, so a "
                          "drift of the machine's speed during the run shows")
+    ap.add_argument("--raw-one-process", action="store_true",
+                    help="with --cli: also measure the raw read + write in this one process, one "
+                         "block at a time, as issue #16's baseline was measured")
     ap.add_argument("--cupy", action="store_true",
                     help="move blocks to the GPU: the array-API kernels on CuPy (benchmarks/gpu.py)")
     args = ap.parse_args(argv)
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                 with local_cluster(workers=args.workers, threads_per_worker=args.threads_per_worker,
                                    memory_limit=args.memory_limit) as cluster, Client(cluster):
                     t["raw_read_after"], t["raw_write_after"] = raw_io(args, cube_path, out, names)
+            if args.raw_one_process:
+                t["raw_read_one"], t["raw_write_one"] = raw_io(args, cube_path, out, names, "sync")
         io = t["raw_read"] + t["raw_write"]
         print(f"nbdask screen-scale benchmark ({machine()}{', CuPy blocks' if args.cupy else ''}, "
               f"{args.workers} workers x "
@@ -184,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{t['raw_write_after']:.1f} s")
             print(f"ratio CLI / (raw read + raw write), after {t['cli'] / after:4.2f}x; "
                   f"to the mean of both {t['cli'] / ((io + after) / 2):.2f}x")
+        if "raw_read_one" in t:
+            one = t["raw_read_one"] + t["raw_write_one"]
+            print(f"raw read + write in one process      {t['raw_read_one']:5.1f} + "
+                  f"{t['raw_write_one']:.1f} s")
+            print(f"ratio CLI / (one-process raw read + write) {t['cli'] / one:4.2f}x")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
