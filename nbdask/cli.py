@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--perturbation", action="append", metavar="LABEL",
                      help="keep only this perturbation (repeatable)")
     exp.add_argument("--feature", action="append", metavar="LABEL",
-                     help="keep only this feature (repeatable)")
+                     help="keep only this feature, by label or by name where the results have "
+                          "feature names (repeatable)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_where(exp, "threads in this process")
     exp.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
