@@ -33,8 +33,8 @@ CSS = """
 .nbdask-report h2 { font-size: 18px; margin: 0 0 10px; padding-bottom: 4px; border-bottom: 1px solid #d8dee4; }
 .nbdask-report .sub { color: #59636e; margin: 0 0 14px; }
 .nbdask-report section { margin: 22px 0; }
-.nbdask-report .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(128px, 1fr)); gap: 10px; }
-.nbdask-report .card { border: 1px solid #d8dee4; border-radius: 8px; padding: 10px 14px; background: #f6f8fa; }
+.nbdask-report .cards { display: flex; flex-wrap: wrap; gap: 10px; }
+.nbdask-report .card { flex: 0 0 auto; min-width: 110px; border: 1px solid #d8dee4; border-radius: 8px; padding: 10px 14px; background: #f6f8fa; }
 .nbdask-report .card b { display: block; font-size: 21px; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nbdask-report .card small { color: #59636e; font-size: 12px; }
 .nbdask-report .card.hit { background: #fff4ec; border-color: #f0c2a0; }
@@ -53,12 +53,17 @@ CSS = """
 .nbdask-report .note { color: #59636e; font-size: 12.5px; }
 """
 
-#: Marks the document with how many of its images decoded (the browser test reads it).
+#: Marks the document with how many of its images decoded and how many of its cards and table
+#: cells show less than their text (the browser test reads both).
 SCRIPT = """<script>
 window.addEventListener("load", function () {
   var imgs = Array.prototype.slice.call(document.querySelectorAll(".nbdask-report img"));
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   document.documentElement.setAttribute("data-images-decoded", ok + "/" + imgs.length);
+  var boxes = Array.prototype.slice.call(document.querySelectorAll(
+    ".nbdask-report .card, .nbdask-report .card b, .nbdask-report td"));
+  var cut = boxes.filter(function (e) { return e.scrollWidth > e.clientWidth + 1; }).length;
+  document.documentElement.setAttribute("data-clipped", String(cut));
 });
 </script>"""
 
@@ -87,7 +92,7 @@ def _run_section(results: xr.Dataset, source: str | None) -> str:
             ("FDR", "fdr"), ("FDR scope", "fdr_scope"), ("FDR backend", "fdr_backend"),
             ("Storey π₀", "storey_pi0"), ("perturbations", "n_perturbations"),
             ("features", "n_features"), ("control replicates", "n_control_replicates"),
-            ("treated replicates", None), ("wall time", "wall_seconds"),
+            ("treated replicates", None), ("compute time", "wall_seconds"),
             ("nbdask version", "nbdask_version"), ("status", "nbdask_status")]
     rows = []
     if source:
@@ -135,6 +140,19 @@ def _counts_section(ov: Overview) -> str:
 def _figure_section(sid: str, title: str, png: bytes, caption: str) -> str:
     return (f'<section id="{sid}"><h2>{title}</h2><figure>{_img(png, title)}'
             f"<figcaption>{caption}</figcaption></figure></section>")
+
+
+def _screen_section(ov: Overview) -> str:
+    from . import plots
+
+    if ov.perturbations.size < 2:
+        # one bar against the controls, and every hit feature tied at one perturbation
+        return ('<section id="screen"><h2>Screen view</h2><p class="note">One perturbation: '
+                "its hits are the volcano plot above and the top hits below.</p></section>")
+    return _figure_section("screen", "Screen view", plots.screen(ov),
+                           "Which perturbations change many features, and which features "
+                           f"respond to many perturbations (hits at q ≤ {ov.q_max:g}, split "
+                           "up/down).")
 
 
 def _volcano_hits(ov: Overview) -> str:
@@ -215,10 +233,7 @@ def report_fragment(results: xr.Dataset, *, ov: Overview, source: str | None = N
                              f"{_volcano_hits(ov)} over a uniform random sample of "
                              f"{len(ov.sample['p_value']):,} of the other tested comparisons "
                              f"(grey)."),
-             _figure_section("screen", "Screen view", plots.screen(ov),
-                             "Which perturbations change many features, and which features "
-                             "respond to many perturbations (hits at q ≤ "
-                             f"{ov.q_max:g}, split up/down)."),
+             _screen_section(ov),
              _top_section(ov, source)]
     if ov.truth:
         parts.append(_truth_section(ov))

@@ -135,6 +135,7 @@ def test_html_report_in_headless_chromium(stored, tmp_path):
         assert f'<section id="{section}">' in dom, section
     n_images = dom.count("<img ")
     assert n_images == 4 and f'data-images-decoded="{n_images}/{n_images}"' in dom
+    assert 'data-clipped="0"' in dom  # no card or cell shows less than its text
     shot = tmp_path / "report.png"
     chromium(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,6000")
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
@@ -146,3 +147,24 @@ def test_html_report_in_headless_chromium(stored, tmp_path):
     assert rows[-1] < 5900  # the whole page fits the window: every section is in the picture
     band = np.array_split(ink[:rows[-1]], 6)
     assert all(part.mean() > 0.005 for part in band)  # no empty stretch down the page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_a_bulk_experiment_report_shows_its_counts_whole(tmp_path):
+    """One treatment against its controls with thousands of hits (as airway: 1,653 up / 1,395
+    down): the count cards hold their numbers (they were cut at "1,653 / 1,39"), and the screen
+    view, one bar and a tie of every hit feature at one perturbation, gives way to a line."""
+    from nbdask.report import render
+
+    cube = nbdask.simulate(perturbations=1, features=40000, replicates=4, control_replicates=4,
+                           effect_fraction=0.3, seed=3)
+    report = render(nbdask.test(cube.load()), q_max=0.1)
+    assert report.overview.n_up > 1000 and report.overview.n_down > 1000
+    page = report.save(tmp_path / "bulk.html")
+    dom = chromium(page, tmp_path, "--dump-dom", "--virtual-time-budget=5000").stdout
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in dom, section
+    assert "One perturbation: its hits are the volcano plot above" in dom
+    assert dom.count("<img ") == 3 and 'data-images-decoded="3/3"' in dom
+    assert 'data-clipped="0"' in dom
+    assert f"{report.overview.n_up:,}</span> / <span class=\"down\">{report.overview.n_down:,}" in dom
