@@ -356,6 +356,8 @@ def _info(args) -> int:
     for name, a in desc["arrays"].items():
         dims = ", ".join(f"{d}={n}" for d, n in zip(a["dims"], a["shape"]))
         print(f"  {name:<22} ({dims})  {a['dtype']:<8} shards={a['shards']} chunks={a['chunks']}")
+    if "p_value" in desc["arrays"] and "counts" not in desc["arrays"]:
+        return _results_info(args.cube, so)
     try:
         cube = open_cube(args.cube, storage_options=so)
         validate(cube, values=not args.quick)
@@ -365,6 +367,20 @@ def _info(args) -> int:
     scope = "structure" if args.quick else "structure and all values"
     print(f"validation: OK ({scope}); {cube.sizes['perturbation'] * cube.sizes['feature']:,} comparisons")
     return 0
+
+
+def _results_info(url: str, storage_options) -> int:
+    """``nbdask info`` of a results store: what it is, whether it is complete, what reads it."""
+    from .io import results_status
+
+    status = results_status(url, storage_options=storage_options)
+    if status == "complete":
+        print(f"a results store of nbdask test (complete): `nbdask report {url}` summarises it, "
+              f"`nbdask export {url} hits.csv --q-max 0.1` writes its hits")
+        return 0
+    print(f"a results store of nbdask test, {status or 'unmarked'}, not complete: finish it with "
+          f"`nbdask test CUBE {url} --resume`")
+    return 1
 
 
 def _test(args) -> int:

@@ -164,6 +164,19 @@ def test_cli_end_to_end(tmp_path, client, nbdask_main):
     expected = nbdask.test(nbdask.open_cube(cube).load(), dispersion="comparison")
     np.testing.assert_allclose(nbdask.open_results(out)["p_value"].values, expected["p_value"].values,
                                rtol=1e-12)
+    # `nbdask info` of the results store says what it is and what reads it, not "no counts"
+    r = run_cli("info", out)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.splitlines()[-1] == (f"a results store of nbdask test (complete): `nbdask "
+                                         f"report {out}` summarises it, `nbdask export {out} "
+                                         f"hits.csv --q-max 0.1` writes its hits")
+    import zarr
+
+    zarr.open_group(out, mode="r+").attrs["nbdask_status"] = "failed"
+    r = run_cli("info", out)
+    assert r.returncode == 1 and r.stdout.splitlines()[-1] == (
+        f"a results store of nbdask test, failed, not complete: finish it with `nbdask test CUBE "
+        f"{out} --resume`")
 
 
 def test_a_genome_sized_feature_axis_prints_nothing_on_stderr(tmp_path):
