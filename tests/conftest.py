@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared"
+#: The one line distributed may add on a loaded machine when a LocalCluster's worker is slow to
+#: exit at shutdown; not nbdask's output.
+NANNY = "distributed.nanny: Worker process still alive after"
 
 
 @pytest.fixture(scope="session")

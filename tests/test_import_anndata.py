@@ -9,7 +9,7 @@ import pytest
 from scipy import sparse, stats
 
 import nbdask
-from conftest import deseq2_size_factors
+from conftest import NANNY, deseq2_size_factors
 
 ad = pytest.importorskip("anndata")
 
@@ -247,11 +247,6 @@ def test_a_failure_mid_import_leaves_a_cube_that_does_not_look_complete(tmp_path
 def _cli(*args):
     return subprocess.Popen([sys.executable, "-m", "nbdask.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-#: The one line distributed may add on a loaded machine when a LocalCluster's worker is slow to
-#: exit at shutdown; not nbdask's output.
-NANNY = "distributed.nanny: Worker process still alive after"
 
 
 def test_every_import_error_is_one_line_with_its_fix(tmp_path, nbdask_main):
