@@ -113,7 +113,7 @@ def _counts(ds: xr.Dataset, lazy: bool) -> dict:
 
 
 def _top_hits(ds: xr.Dataset, n: int) -> str:
-    from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
+    from .schema import FEATURE, PERTURBATION, feature_names, labels
 
     q = np.asarray(ds["q_value"].values)
     p = np.asarray(ds["p_value"].values)
@@ -123,9 +123,8 @@ def _top_hits(ds: xr.Dataset, n: int) -> str:
     best = hit[np.argsort(p.reshape(-1)[hit], kind="stable")[:n]]
     rows_i, cols_i = np.divmod(best, q.shape[1])
     lfc = np.asarray(ds["log_fold_change"].values)
-    columns = [labels(ds, PERTURBATION), labels(ds, FEATURE)]
-    if FEATURE_NAME in ds.coords:
-        columns.append(labels(ds, FEATURE_NAME))
+    names = feature_names(ds)
+    columns = [labels(ds, PERTURBATION), labels(ds, FEATURE)] + ([] if names is None else [names])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c[k])}</td>"
                                     for c, k in zip(columns, (i, j, j))) +
                    f"<td style='text-align:right'>{lfc[i, j] / np.log(2):+.2f}</td>"

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import OptionError, ResultsError
-from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
+from .schema import FEATURE, PERTURBATION, feature_names, labels
 
 logger = logging.getLogger("nbdask")
 
@@ -89,9 +89,9 @@ def _select(results: xr.Dataset, dim: str, chosen) -> xr.Dataset:
     wanted = [chosen] if isinstance(chosen, str) else list(chosen)
     index = results.indexes.get(dim)
     known = set(index) if index is not None else set()
-    if dim == FEATURE and FEATURE_NAME in results.coords and index is not None:
+    names = feature_names(results) if dim == FEATURE else None
+    if names is not None and index is not None:
         # a feature may be asked for by its name (a gene symbol) as well as its label
-        names = _names(results)
         wanted = [x for w in wanted
                   for x in ([w] if w in known else index[names == w].tolist() or [w])]
     missing = [x for x in wanted if x not in known]
@@ -118,14 +118,7 @@ def _prepare(results: xr.Dataset, q_max, perturbations, features):
     names = [n for n in SOURCES if n in results]
     p_labels = labels(results, PERTURBATION)
     f_labels = labels(results, FEATURE)
-    return {n: results[n] for n in names}, p_labels, f_labels, _names(results)
-
-
-def _names(results: xr.Dataset) -> np.ndarray | None:
-    """The features' names (``feature_name``) as text, or None."""
-    if FEATURE_NAME not in results.coords:
-        return None
-    return labels(results, FEATURE_NAME)
+    return {n: results[n] for n in names}, p_labels, f_labels, feature_names(results)
 
 
 def _parts(results, *, q_max, perturbations, features, client) -> Iterator:

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ResultsError
-from .schema import FEATURE, FEATURE_NAME, PERTURBATION, labels
+from .schema import FEATURE, PERTURBATION, feature_names, labels
 
 #: p-value histogram: equal bins on [0, 1].
 P_BINS = 40
@@ -251,7 +251,7 @@ def overview(results: xr.Dataset, *, q_max: float = 0.1, truth: xr.Dataset | Non
         hits_per_feature=hits_f, up_per_feature=up_f, tested_per_perturbation=tested_p,
         perturbations=labels(results, PERTURBATION), features=labels(results, FEATURE),
         truth=_truth_metrics(merged["truth"], float(q_max)) if "truth" in merged else {},
-        feature_names=labels(results, FEATURE_NAME) if FEATURE_NAME in results.coords else None)
+        feature_names=feature_names(results))
 
 
 def qq_points(ov: Overview, *, n_points: int = 400, level: float = 0.95) -> dict:

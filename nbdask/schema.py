@@ -49,6 +49,11 @@ def labels(ds: xr.Dataset, name: str) -> np.ndarray:
     return np.asarray(ds[name].values).astype(object).astype(str)
 
 
+def feature_names(ds: xr.Dataset) -> np.ndarray | None:
+    """The features' names (``feature_name``) as text, or None where the cube carried none."""
+    return labels(ds, FEATURE_NAME) if FEATURE_NAME in ds.coords else None
+
+
 def _declare(*variables: Variable) -> dict[str, Variable]:
     return {v.name: v for v in variables}
 
@@ -166,9 +171,9 @@ def validate_structure(ds: xr.Dataset) -> None:
         _fail("counts: the replicate dimension is empty; each perturbation needs treated samples")
     for dim in (PERTURBATION, FEATURE):
         if dim in ds.coords:
-            labels = ds[dim].to_index()
-            if not labels.is_unique:
-                dup = labels[labels.duplicated()][:3].tolist()
+            index = ds[dim].to_index()
+            if not index.is_unique:
+                dup = index[index.duplicated()][:3].tolist()
                 _fail(f"{dim}: coordinate labels are not unique (e.g. {dup}); "
                       f"give every {dim} a distinct label")
     for name, spec in LABELS.items():

@@ -174,17 +174,17 @@ def _load(counts, samples, *, group_column: str, sample_column: str | None,
     extra = [s for s in table.columns if s not in sheet.index]
     # Text columns beside the counts are gene annotation (nf-core/rnaseq's gene_name), not
     # samples; a numeric one is more likely a sample the sheet lacks, which stays an error.
-    labels = [s for s in extra if not pd.api.types.is_numeric_dtype(table[s])]
-    names = _gene_names(table, labels, name_column, name)
+    text = [s for s in extra if not pd.api.types.is_numeric_dtype(table[s])]
+    names = _gene_names(table, text, name_column, name)
+    kept = [] if names is None else [names.name]
     if names is not None:
         notes["feature_names_from"] = f"column {names.name}"
         notes["feature_ids_from"] = (f"column {table.index.name}" if table.index.name
                                      else "the first column")
-        labels = [s for s in labels if s != names.name]
-    if labels:
-        notes["dropped_columns"] = notes.get("dropped_columns", []) + labels
-        extra = [s for s in extra if s not in labels]
-    extra = [s for s in extra if names is None or s != names.name]
+    dropped = [s for s in text if s not in kept]
+    if dropped:
+        notes["dropped_columns"] = notes.get("dropped_columns", []) + dropped
+    extra = [s for s in extra if s not in text and s not in kept]
     if extra:
         raise SourceError(f"{name}: column(s) {extra[:5]} are not samples in {sheet_name}; add them "
                           f"to the sheet or drop the columns (the first column must be the gene ids)")
@@ -275,8 +275,7 @@ def from_table(counts, samples, *, group_column: str, control, size_factors="rat
     attrs = {"source": name, "group_column": group_column, "unit": "sample", **summary, **notes}
     cube = cubemod.in_memory(cubemod.Pending(
         cubemod.assemble(groups, counts_, control_, table.index, attrs, feature_names=names),
-        groups, option,
-        problems, lambda found: None), scheduler="threads")
+        groups, option, problems, lambda found: None), scheduler="threads")
     if store is None:
         return cube
     return cubemod.write(cube, store, shards=(p_shard, g_shard), overwrite=overwrite,
